@@ -1,0 +1,1 @@
+"""Data, losses, optimiser, metrics and training helpers for FSANet."""

@@ -1,0 +1,128 @@
+"""Checkpoint reading: the release's `FSANet-100.pth`, our own training files and bare state dicts.
+
+Files are read with `weights_only=True`, so a checkpoint can never run code. The release's key
+layout reaches ours only through `convert_release_state_dict`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+# (release pattern, our replacement), applied in order to every key of the release's layout.
+RELEASE_KEY_RULES: list[tuple[str, str]] = [
+    (r"^resnet_f\.", "freq_encoder."),
+    (r"^se(\d)\.", lambda m: f"mf.{int(m.group(1)) - 1}.se."),
+    (r"^conv_(\d)\.", lambda m: f"mf.{int(m.group(1)) - 1}.conv."),
+    (r"^upsample(\d+_\d)\.", r"csfm.up\1."),
+    (r"^down(\d+_\d)\.", r"csfm.down\1."),
+    (r"^rfb(\d)_after\.", lambda m: f"hcf.{int(m.group(1)) - 1}."),
+    (r"^(conv_up\d|conv2_1)\.", r"head.\1."),
+]
+
+
+class CheckpointError(Exception):
+    """A checkpoint or weights file that cannot be used; the message names the file and the fix."""
+
+
+def _torch_load(path: Path) -> object:
+    """torch.load with weights_only=True, turning every failure into a CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and plain containers; refusing to "
+                f"unpickle it (weights_only=True). Re-save it as a plain state dict."
+            ) from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({err})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format): {reason}") from None
+
+
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DataParallel/DDP `module.` and torch.compile `_orig_mod.` prefixes from every key."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file (release layout, our layout or a bare state dict), unprefixed."""
+    path = Path(path)
+    obj = _torch_load(path)
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        found = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(f"{path} holds no model weights (expected a state dict or a dict with 'model'; found {found})")
+    return strip_wrapper_prefixes(obj)
+
+
+def is_release_layout(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for the authors' key layout (`backbone.*`, `rfb1_after.*`, ...)."""
+    return any(k.startswith(("backbone.", "rfb1_after.", "resnet_f.")) for k in state)
+
+
+def convert_release_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map the release's keys onto this implementation's modules (the one place the layouts differ)."""
+    from timm.models.pvt_v2 import checkpoint_filter_fn
+
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    out = {f"rgb_encoder.body.{k}": v for k, v in checkpoint_filter_fn(backbone, None).items()}
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            continue
+        for pattern, replacement in RELEASE_KEY_RULES:
+            key, hits = re.subn(pattern, replacement, key)
+            if hits:
+                break
+        out[key] = value
+    return out
+
+
+def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming every missing, unexpected or wrongly shaped key."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+    if not (missing or unexpected or wrong):
+        return
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+            parts.append(f"{label}: {shown}")
+    raise CheckpointError(f"{source} does not match this FSANet architecture; " + "; ".join(parts))
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load weights into `model` strictly from any supported checkpoint layout; returns the model."""
+    state = read_state_dict(path)
+    if is_release_layout(state):
+        state = convert_release_state_dict(state)
+    target = model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+    check_compatible(target, state, str(path))
+    target.load_state_dict(state, strict=True)
+    log.info("loaded weights from %s", path)
+    return model

@@ -1,0 +1,56 @@
+"""The frequency branch's input: a high-pass image made with an FFT and a circular mask."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def highpass_mask(height: int, width: int, radius: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """H x W mask: 0 within `radius` bins of the shifted spectrum's centre, 1 elsewhere."""
+    rows = torch.arange(height, dtype=torch.float32, device=device).view(-1, 1)
+    cols = torch.arange(width, dtype=torch.float32, device=device).view(1, -1)
+    distance = torch.sqrt((rows - (height - 1) / 2) ** 2 + (cols - (width - 1) / 2) ** 2)
+    return torch.where(distance <= radius, torch.zeros_like(distance), torch.ones_like(distance))
+
+
+class FrequencyFilter(nn.Module):
+    """High-pass filter of the RGB input, averaged over channels to a B x 1 x H x W image.
+
+    As released: the spectrum is rolled by (H//2, W//2) and never rolled back (the final `abs`
+    makes that harmless), and `radius` is an nn.Parameter that never receives a gradient because
+    the mask is built with `torch.where`.
+    """
+
+    def __init__(self, radius: float = 100.0, cache_mask: bool = True) -> None:
+        super().__init__()
+        self.radius = nn.Parameter(torch.tensor([float(radius)]))
+        self.cache_mask = cache_mask
+        self._masks: dict[tuple, tuple] = {}
+
+    def mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """The mask for this size and device, built once per (H, W, radius, device)."""
+        if not self.cache_mask:
+            return highpass_mask(height, width, float(self.radius.detach().cpu()), device)
+        # The version counter and storage change whenever the radius may have changed (load,
+        # optimiser step, .to(), DataParallel replicas); only then is its value read back.
+        key = (height, width, str(device))
+        stamp = (self.radius._version, self.radius.data_ptr())
+        cached = self._masks.get(key)
+        if cached is None or cached[0] != stamp:
+            radius = float(self.radius.detach().cpu())
+            if cached is None or cached[1] != radius:
+                cached = (stamp, radius, highpass_mask(height, width, radius, device))
+            else:
+                cached = (stamp, radius, cached[2])
+            self._masks[key] = cached
+        return cached[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B x C x H x W image -> B x 1 x H x W high-pass magnitude (computed in float32)."""
+        height, width = x.shape[-2:]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            spectrum = torch.fft.fft2(x.float(), dim=(-2, -1))
+            spectrum = torch.roll(spectrum, shifts=(height // 2, width // 2), dims=(-2, -1))
+            spectrum = spectrum * self.mask(height, width, x.device)
+            image = torch.fft.ifft2(spectrum, dim=(-2, -1)).abs()
+        return image.mean(dim=1, keepdim=True)

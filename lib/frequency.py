@@ -27,6 +27,13 @@ class FrequencyFilter(nn.Module):
         self.cache_mask = cache_mask
         self._masks: dict[tuple, tuple] = {}
 
+    def _radius_version(self) -> int | None:
+        """The radius' in-place write counter (None for inference tensors, which cannot be written)."""
+        try:
+            return self.radius._version
+        except RuntimeError:
+            return None
+
     def mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """The mask for this size and device, built once per (H, W, radius, device)."""
         if not self.cache_mask:
@@ -34,7 +41,7 @@ class FrequencyFilter(nn.Module):
         # The version counter and storage change whenever the radius may have changed (load,
         # optimiser step, .to(), DataParallel replicas); only then is its value read back.
         key = (height, width, str(device))
-        stamp = (self.radius._version, self.radius.data_ptr())
+        stamp = (self._radius_version(), self.radius.data_ptr())
         cached = self._masks.get(key)
         if cached is None or cached[0] != stamp:
             radius = float(self.radius.detach().cpu())
@@ -51,6 +58,10 @@ class FrequencyFilter(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             spectrum = torch.fft.fft2(x.float(), dim=(-2, -1))
             spectrum = torch.roll(spectrum, shifts=(height // 2, width // 2), dims=(-2, -1))
-            spectrum = spectrum * self.mask(height, width, x.device)
+            mask = self.mask(height, width, x.device)
+            if not self.cache_mask:
+                # The release builds the mask at the spectrum's full B x C x H x W size on every call.
+                mask = mask.expand_as(spectrum).contiguous()
+            spectrum = spectrum * mask
             image = torch.fft.ifft2(spectrum, dim=(-2, -1)).abs()
         return image.mean(dim=1, keepdim=True)

@@ -1,0 +1,76 @@
+"""Inference fast paths that keep the release's outputs to float32 round-off.
+
+`optimize_for_inference` folds BatchNorm into the preceding convolutions and optionally switches
+to channels_last; `use_release_compute` puts back the release's slower way of computing the same
+thing (explicit attention, the filter mask rebuilt every call) so benchmarks can time both in one run.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models.resnet import Bottleneck
+
+from .csfm import Down, Up
+from .encoders import ResNetFrequencyEncoder
+from .frequency import FrequencyFilter
+from .hcf import ConvBN
+from .sff import SFF
+
+# (conv, bn) attribute pairs where the forward pass applies bn directly to conv's output.
+FOLDABLE: dict[type, tuple[tuple[str, str], ...]] = {
+    ConvBN: (("conv", "bn"),),
+    Up: (("conv1", "bn"),),
+    SFF: (("conv_xy", "bn_xy"), ("conv_gate", "bn_gate")),
+    Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+    ResNetFrequencyEncoder: (("conv1", "bn1"),),
+}
+
+
+def _fold_pair(module: nn.Module, conv_name: str, bn_name: str) -> None:
+    """Replace module.conv by conv∘bn and module.bn by Identity."""
+    conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+    if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+        setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+        setattr(module, bn_name, nn.Identity())
+
+
+def _fold_sequential(seq: nn.Sequential) -> None:
+    """Fold every Conv2d immediately followed by a BatchNorm2d inside a Sequential."""
+    names = list(seq._modules)
+    for first, second in zip(names[:-1], names[1:]):
+        _fold_pair(seq, first, second)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold inference-mode BatchNorm into convolutions in place (the model must be in eval mode)."""
+    if model.training:
+        raise ValueError("fold_batchnorm needs model.eval(): folding uses the running statistics")
+    for module in list(model.modules()):
+        for conv_name, bn_name in FOLDABLE.get(type(module), ()):
+            _fold_pair(module, conv_name, bn_name)
+        if isinstance(module, Down):
+            _fold_pair(module, f"conv{module.num_convs}", "bn")
+        if isinstance(module, nn.Sequential):
+            _fold_sequential(module)
+    return model
+
+
+def optimize_for_inference(model: nn.Module, fold_bn: bool = True, channels_last: bool = False) -> nn.Module:
+    """Eval mode, BatchNorm folded, optionally channels_last memory format; same outputs."""
+    model.eval()
+    if fold_bn:
+        fold_batchnorm(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def use_release_compute(model: nn.Module) -> nn.Module:
+    """Compute as the release does: explicit softmax attention, filter mask rebuilt on every call."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+        if isinstance(module, FrequencyFilter):
+            module.cache_mask = False
+    return model

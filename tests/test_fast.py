@@ -1,0 +1,49 @@
+"""Inference fast paths compute what the release computes, to float32 round-off."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lib import FSANet
+from lib.checkpoint import convert_release_state_dict
+from lib.fast import fold_batchnorm, optimize_for_inference, use_release_compute
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    return np.load(reference_dir / "official_forward_seed0_256x256.npz")
+
+
+def _release_model(official_weights) -> FSANet:
+    model = FSANet().eval()
+    model.load_state_dict(convert_release_state_dict(official_weights.official_state_dict(seed=0, radius=60.0)))
+    return model
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_optimized_model_matches_reference(official_weights, reference, channels_last):
+    model = optimize_for_inference(_release_model(official_weights), channels_last=channels_last)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules() if m is not model.sff.bn_out)
+    x = torch.from_numpy(reference["input"])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        p1 = model.predict(x)
+        outputs = model(x)
+    assert np.abs(p1.numpy() - reference["P1"]).max() < 1e-4
+    for name, out in zip(("P1", "P2", "P3", "P4", "frequency"), outputs):
+        assert np.abs(out.numpy() - reference[name]).max() < 1e-4, name
+
+
+def test_release_compute_matches_reference(official_weights, reference):
+    model = use_release_compute(_release_model(official_weights))
+    assert all(not m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+    with torch.inference_mode():
+        p1 = model(torch.from_numpy(reference["input"]))[0]
+    assert np.abs(p1.numpy() - reference["P1"]).max() < 1e-4
+
+
+def test_folding_needs_eval_mode():
+    with pytest.raises(ValueError, match="eval"):
+        fold_batchnorm(FSANet().train())

@@ -1,0 +1,328 @@
+"""DIS5K datasets for training and validation.
+
+`TrainDataset` reproduces the release's preprocessing (design.md section 2): image and mask resized to
+`trainsize` square with PIL bilinear (torchvision `Resize` on a PIL image), `ToTensor`, ImageNet
+normalisation for the image, the mask kept soft in [0, 1], no augmentation. Two differences from the
+release: images and masks are paired by file stem (the release zips the sorted lists) and pairs that
+cannot be used are reported by name (the release drops pairs of different sizes silently).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.transforms import functional as TF
+from tqdm import tqdm
+
+from utils.atomic import atomic_path
+from utils.imageio import ImageReadError, image_size, list_images, read_mask, read_rgb
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# (image folder, mask folder): DIS5K v1.0 first, then the release's train.py layout.
+SPLIT_LAYOUTS: tuple[tuple[str, str], ...] = (("im", "gt"), ("Imgs", "GT"))
+_CACHE_VERSION = 1
+_MAX_LISTED = 20
+
+
+class DataError(Exception):
+    """A dataset folder or file that cannot be used; the message names it and says what to fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image/mask pair of a split, matched by file stem."""
+
+    stem: str
+    image: Path
+    gt: Path
+
+
+def find_split_dirs(split_root: str | os.PathLike) -> tuple[Path, Path]:
+    """The (image_dir, gt_dir) of a split in the DIS5K v1.0 (`im/`, `gt/`) or release (`Imgs/`, `GT/`) layout."""
+    root = Path(split_root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    for image_name, gt_name in SPLIT_LAYOUTS:
+        if (root / image_name).is_dir() and (root / gt_name).is_dir():
+            return root / image_name, root / gt_name
+    expected = " or ".join(f"{i}/ + {g}/" for i, g in SPLIT_LAYOUTS)
+    raise DataError(f"{root}: expected image and mask folders {expected} inside it")
+
+
+def _index_by_stem(files: Iterable[Path], kind: str, bad: list[str]) -> tuple[dict[str, Path], set[str]]:
+    """Map stem -> file, and the stems shared by several files (a.jpg and a.png), reported and dropped."""
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        groups.setdefault(f.stem, []).append(f)
+    duplicated = {stem for stem, group in groups.items() if len(group) > 1}
+    for stem in sorted(duplicated):
+        for f in groups[stem]:
+            others = ", ".join(g.name for g in groups[stem] if g != f)
+            bad.append(f"{f}: another {kind} has the same stem ({others}); keep one of them")
+    return {stem: group[0] for stem, group in groups.items() if stem not in duplicated}, duplicated
+
+
+def _check_pair(image: Path, gt: Path) -> str | None:
+    """Why the pair cannot be used (unreadable header, different sizes), or None when it can."""
+    try:
+        image_wh = image_size(image)
+        gt_wh = image_size(gt)
+    except ImageReadError as e:
+        return str(e)
+    if image_wh != gt_wh:
+        return (f"{image}: size {image_wh[0]}x{image_wh[1]} differs from its mask {gt} "
+                f"({gt_wh[0]}x{gt_wh[1]})")
+    return None
+
+
+def _report_bad(root: Path, bad: list[str], total: int, on_bad: str) -> None:
+    """Warn about (skip) or raise on (error) the files that cannot be used."""
+    if not bad:
+        return
+    if on_bad == "error":
+        listed = "\n  ".join(bad[:_MAX_LISTED])
+        more = f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+        raise DataError(f"{root}: {len(bad)} unusable file(s) among {total}; fix or remove them, "
+                        f"or skip them with on_bad='skip':\n  {listed}{more}")
+    for line in bad:
+        logger.warning("skipping %s", line)
+    logger.warning("%s: skipped %d unusable file(s) among %d; see the warnings above", root, len(bad), total)
+
+
+def pair_samples(split_root: str | os.PathLike, on_bad: str = "skip") -> list[Sample]:
+    """Image/mask pairs of a split matched by stem, in sorted image order; bad files skipped or raised."""
+    if on_bad not in ("skip", "error"):
+        raise ValueError(f"on_bad must be 'skip' or 'error', not {on_bad!r}")
+    root = Path(split_root)
+    image_dir, gt_dir = find_split_dirs(root)
+    images, gts = list_images(image_dir), list_images(gt_dir)
+    if not images and not gts:
+        raise DataError(f"{root}: no images in {image_dir} and no masks in {gt_dir}")
+    bad: list[str] = []
+    image_index, image_duplicates = _index_by_stem(images, "image", bad)
+    gt_index, gt_duplicates = _index_by_stem(gts, "mask", bad)
+    bad.extend(f"{gt}: mask without an image of the same stem in {image_dir}"
+               for stem, gt in gt_index.items() if stem not in image_index and stem not in image_duplicates)
+    samples: list[Sample] = []
+    for stem, image in tqdm(image_index.items(), desc=f"checking {root.name}", leave=False, disable=None):
+        gt = gt_index.get(stem)
+        if gt is None and stem in gt_duplicates:
+            continue  # already reported with its masks
+        problem = f"{image}: image without a mask of the same stem in {gt_dir}" if gt is None \
+            else _check_pair(image, gt)
+        if problem is None:
+            samples.append(Sample(stem, image, gt))
+        else:
+            bad.append(problem)
+    _report_bad(root, bad, len(images) + len(gts), on_bad)
+    if not samples:
+        raise DataError(f"{root}: no usable image/mask pairs")
+    return samples
+
+
+def _as_samples(source: str | os.PathLike | Sequence[Sample], on_bad: str) -> list[Sample]:
+    """A split folder's pairs, or an explicit list of samples as given."""
+    if isinstance(source, (str, os.PathLike)):
+        return pair_samples(source, on_bad=on_bad)
+    return list(source)
+
+
+def image_transform(size: int) -> transforms.Compose:
+    """The release's image pipeline: Resize((size, size)) bilinear, ToTensor, ImageNet Normalize."""
+    return transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
+                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _stat_key(path: Path) -> str:
+    """Path, modification time and byte size of a file, the parts of a cache key that track it."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file any more ({e.strerror}); re-create the dataset") from None
+    return f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}"
+
+
+class TrainDataset(Dataset):
+    """The release's training samples: (image 3xSxS normalised, mask 1xSxS in [0, 1]), both float32.
+
+    `fast_decode=True` (default) passes `min_side=trainsize` to the readers: JPEGs decode at a reduced
+    DCT scale and other files (PNG masks) are box-reduced, keeping both sides >= trainsize, before the
+    same bilinear resize. On ~2500x3400 JPEG/PNG pairs at trainsize 736 that is 1.5-2x faster per sample
+    (`benchmark_loading`; the PNG mask's full decode is the floor) but changes pixel values slightly. `fast_decode=False` is the release's exact
+    path (full decode, then resize).
+    `hflip=True` flips image and mask together with probability 0.5 (the release has no augmentation).
+    `cache_dir` stores each resized pair as an uncompressed .npy (about 4*S*S bytes) keyed by source
+    path, mtime, byte size, trainsize and decode mode, so later epochs skip decoding; changed sources
+    get a new entry (stale ones are left on disk).
+    """
+
+    def __init__(self, source: str | os.PathLike | Sequence[Sample], trainsize: int = 736, *,
+                 hflip: bool = False, fast_decode: bool = True, cache_dir: str | os.PathLike | None = None,
+                 on_bad: str = "skip") -> None:
+        """Pair `source` (a split folder, or a list of Samples) and set the preprocessing options."""
+        self.samples = _as_samples(source, on_bad)
+        self.trainsize = int(trainsize)
+        self.hflip = hflip
+        self.fast_decode = fast_decode
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.resize = transforms.Resize((self.trainsize, self.trainsize))
+        self.image_to_tensor = transforms.Compose([transforms.ToTensor(),
+                                                   transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self.mask_to_tensor = transforms.ToTensor()
+
+    def __len__(self) -> int:
+        """Number of usable pairs."""
+        return len(self.samples)
+
+    def _decode_resized(self, sample: Sample) -> np.ndarray:
+        """Decode and resize one pair into an SxSx4 uint8 array (RGB + mask)."""
+        min_side = self.trainsize if self.fast_decode else None
+        try:
+            image = read_rgb(sample.image, min_side=min_side)
+            mask = read_mask(sample.gt, min_side=min_side)
+        except ImageReadError as e:
+            raise DataError(f"{e}; the file changed after the dataset was indexed") from None
+        return np.dstack([np.asarray(self.resize(image)), np.asarray(self.resize(mask))])
+
+    def _cache_path(self, sample: Sample) -> Path:
+        """Cache file of a pair: a hash of both sources' identity and the preprocessing options."""
+        key = "|".join([_stat_key(sample.image), _stat_key(sample.gt), str(self.trainsize),
+                        str(self.fast_decode), str(_CACHE_VERSION)])
+        return self.cache_dir / f"{sample.stem}-{hashlib.sha1(key.encode()).hexdigest()[:20]}.npy"
+
+    def _load_resized(self, sample: Sample) -> np.ndarray:
+        """The resized pair from the cache when present and valid, else decoded (and cached)."""
+        if self.cache_dir is None:
+            return self._decode_resized(sample)
+        path = self._cache_path(sample)
+        expected = (self.trainsize, self.trainsize, 4)
+        if path.is_file():
+            try:
+                cached = np.load(path, allow_pickle=False)
+                if cached.shape == expected and cached.dtype == np.uint8:
+                    return cached
+            except (OSError, ValueError) as e:
+                logger.warning("%s: unreadable cache entry, rebuilding it (%s)", path, e)
+        pair = self._decode_resized(sample)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, pair, allow_pickle=False)
+        return pair
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image 3xSxS, mask 1xSxS) of pair `index`, flipped together when hflip draws it."""
+        pair = self._load_resized(self.samples[index])
+        image = self.image_to_tensor(np.ascontiguousarray(pair[:, :, :3]))
+        mask = self.mask_to_tensor(np.ascontiguousarray(pair[:, :, 3]))
+        if self.hflip and torch.rand(()) < 0.5:
+            image, mask = TF.hflip(image), TF.hflip(mask)
+        return image, mask
+
+
+class EvalDataset(Dataset):
+    """Validation samples: (image 3xSxS normalised, full-size mask HxW uint8, stem).
+
+    The image follows the release's test.py (full decode, Resize((testsize, testsize)), ToTensor,
+    Normalize); `fast_decode=True` decodes JPEGs at reduced scale as in TrainDataset. Masks are always
+    decoded in full. Batch with `eval_collate`, since masks differ in size.
+    """
+
+    def __init__(self, source: str | os.PathLike | Sequence[Sample], testsize: int = 992, *,
+                 fast_decode: bool = False, on_bad: str = "skip") -> None:
+        """Pair `source` (a split folder, or a list of Samples) and build the image transform."""
+        self.samples = _as_samples(source, on_bad)
+        self.testsize = int(testsize)
+        self.fast_decode = fast_decode
+        self.transform = image_transform(self.testsize)
+
+    def __len__(self) -> int:
+        """Number of usable pairs."""
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, np.ndarray, str]:
+        """(image 3xSxS, mask HxW uint8 at its file's size, stem) of pair `index`."""
+        sample = self.samples[index]
+        try:
+            image = read_rgb(sample.image, min_side=self.testsize if self.fast_decode else None)
+            mask = read_mask(sample.gt)
+        except ImageReadError as e:
+            raise DataError(f"{e}; the file changed after the dataset was indexed") from None
+        return self.transform(image), np.asarray(mask), sample.stem
+
+
+def eval_collate(batch: list[tuple[torch.Tensor, np.ndarray, str]]) -> tuple[torch.Tensor, list[np.ndarray], list[str]]:
+    """Stack EvalDataset images; keep the differently sized masks and the stems as lists."""
+    images, masks, stems = zip(*batch)
+    return torch.stack(images), list(masks), list(stems)
+
+
+def _write_benchmark_pair(folder: Path, index: int, size: tuple[int, int], rng: np.random.Generator) -> None:
+    """One photo-like JPEG (smooth noise, grain, shapes; quality 90) and its PNG mask, DIS5K v1.0 layout."""
+    width, height = size
+    coarse = rng.integers(0, 256, (height // 32 + 1, width // 32 + 1, 3), dtype=np.uint8)
+    image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+    image = np.clip(image.astype(np.int16) + rng.integers(-12, 13, image.shape, dtype=np.int16), 0, 255)
+    image = image.astype(np.uint8)
+    mask = np.zeros((height, width), np.uint8)
+    for _ in range(12):
+        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        axes = (int(rng.integers(width // 40, width // 6)), int(rng.integers(height // 40, height // 6)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        cv2.ellipse(image, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1, cv2.LINE_AA)
+        cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 255, -1, cv2.LINE_AA)
+    (folder / "im").mkdir(parents=True, exist_ok=True)
+    (folder / "gt").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(folder / "im" / f"bench_{index:03d}.jpg", quality=90)
+    Image.fromarray(mask).save(folder / "gt" / f"bench_{index:03d}.png")
+
+
+def _seconds_per_item(datasets: Sequence[Dataset], repeats: int) -> list[float]:
+    """Mean over items of each dataset's fastest of `repeats` timings, interleaved so load hits all alike."""
+    best = np.full((len(datasets), len(datasets[0])), np.inf)
+    for _ in range(repeats):
+        for index in range(len(datasets[0])):
+            for k, dataset in enumerate(datasets):
+                start = time.perf_counter()
+                dataset[index]
+                best[k, index] = min(best[k, index], time.perf_counter() - start)
+    return best.mean(axis=1).tolist()
+
+
+def benchmark_loading(n: int, size: tuple[int, int] = (2500, 3400), trainsize: int = 736,
+                      repeats: int = 3) -> dict[str, float]:
+    """One-worker TrainDataset throughput on `n` generated (width, height) JPEG/PNG pairs.
+
+    Compares the release's path (fast_decode=False), the default fast decoding, and cache_dir hits.
+    """
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="fsanet_bench_") as tmp:
+        root = Path(tmp)
+        for i in tqdm(range(n), desc="writing benchmark images", leave=False, disable=None):
+            _write_benchmark_pair(root, i, size, rng)
+        samples = pair_samples(root, on_bad="error")
+        # The cached dataset fills its cache in the first repeat; the fastest repeat is a cache hit.
+        datasets = [TrainDataset(samples, trainsize, fast_decode=False), TrainDataset(samples, trainsize),
+                    TrainDataset(samples, trainsize, cache_dir=root / "cache")]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a DataLoader worker
+        try:
+            release_s, fast_s, cached_s = _seconds_per_item(datasets, max(2, repeats))
+        finally:
+            torch.set_num_threads(threads)
+    return {"n": n, "width": size[0], "height": size[1], "trainsize": trainsize,
+            "release_samples_per_s": 1.0 / release_s, "fast_samples_per_s": 1.0 / fast_s,
+            "speedup": release_s / fast_s, "cached_samples_per_s": 1.0 / cached_s}

@@ -1,0 +1,158 @@
+"""Image and mask I/O shared by training, inference and evaluation.
+
+Decoding follows the authors' release (`Image.open(...).convert('RGB')` for images, `.convert('L')`
+for masks: an alpha channel is dropped, not composited; EXIF orientation is not applied) with two
+corrections that change nothing for 8-bit files: 16-bit images are scaled to 8 bits (`>> 8`) instead
+of being clipped at 255 by PIL, and every failure surfaces as one `ImageReadError` naming the file.
+
+PIL's decompression-bomb guard is lifted while this module opens and decodes a file (DIS5K images
+are large and trusted): `Image.MAX_IMAGE_PIXELS` is set to None for the duration of our own calls
+and restored afterwards, so other code keeps PIL's default except while a read here is in flight
+in another thread of the same process.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import threading
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from utils.atomic import atomic_path
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
+# What PIL raises on corrupt, truncated or foreign files (UnidentifiedImageError is an OSError).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error)
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+_bomb_lock = threading.Lock()
+_bomb_depth = 0
+_bomb_saved: int | None = None
+
+
+class ImageReadError(Exception):
+    """An image or mask file that cannot be read; the message names the file and the reason."""
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Sorted image files directly in `folder` (extensions matched case-insensitively, dotfiles skipped).
+
+    Raises FileNotFoundError when `folder` is not a directory.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: image folder not found")
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+
+
+@contextlib.contextmanager
+def _bomb_guard_lifted() -> Iterator[None]:
+    """Disable PIL's pixel-count limit while at least one read of this module is running."""
+    global _bomb_depth, _bomb_saved
+    with _bomb_lock:
+        if _bomb_depth == 0:
+            _bomb_saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _bomb_depth += 1
+    try:
+        yield
+    finally:
+        with _bomb_lock:
+            _bomb_depth -= 1
+            if _bomb_depth == 0:
+                Image.MAX_IMAGE_PIXELS = _bomb_saved
+
+
+def _reason(error: Exception) -> str:
+    """Short reason for a PIL failure (PIL's unidentified-image message repeats the path)."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image, or a format PIL cannot read"
+    return f"{type(error).__name__}: {error}"
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """Scale a 16-bit (or 32-bit integer holding 16-bit data) grayscale image to mode L by >> 8."""
+    if im.mode not in _SIXTEEN_BIT_MODES:
+        return im
+    arr = np.asarray(im).astype(np.int64)
+    return Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), mode="L")
+
+
+def _reduce_factor(size: tuple[int, int], min_side: int | None) -> int:
+    """Largest of 8, 4, 2, 1 that keeps both sides >= min_side after a box reduction (PIL draft's rule)."""
+    if min_side is None:
+        return 1
+    scale = min(size[0] // int(min_side), size[1] // int(min_side))
+    return next((f for f in (8, 4, 2) if scale >= f), 1)
+
+
+def _decode(path: str | os.PathLike, mode: str, min_side: int | None) -> Image.Image:
+    """Open, fully decode and convert `path` to `mode`, raising ImageReadError on any failure."""
+    path = Path(path)
+    if min_side is not None and min_side < 1:
+        raise ValueError(f"min_side must be a positive int or None, not {min_side}")
+    try:
+        with _bomb_guard_lifted(), Image.open(path) as im:
+            if min_side is not None and im.format == "JPEG":
+                # Reduced-resolution DCT decoding: PIL picks the largest 1/2/4/8 scale that keeps
+                # both sides >= min_side, so a later resize to min_side never upsamples.
+                im.draft(mode, (int(min_side), int(min_side)))
+            im.load()
+            out = _to_8bit(im)
+            out = out if out.mode == mode else out.convert(mode)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except _DECODE_ERRORS as e:
+        raise ImageReadError(f"{path}: cannot decode image ({_reason(e)})") from e
+    factor = _reduce_factor(out.size, min_side)
+    return out.reduce(factor) if factor > 1 else out
+
+
+def read_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+    """Read an image as mode RGB; `min_side` allows a cheaper reduced decode keeping both sides >= it.
+
+    With `min_side`, JPEGs use reduced-scale DCT decoding (PIL `draft`) and other formats are
+    box-reduced (`Image.reduce`) by the same 1/2/4/8 rule, so the result has both sides >= min_side
+    and a resize to min_side never upsamples; pixel values differ slightly from the full decode.
+    None (default) is the exact full decode.
+    """
+    return _decode(path, "RGB", min_side)
+
+
+def read_mask(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+    """Read a mask as mode L (16-bit scaled to 8-bit); `min_side` as in read_rgb."""
+    return _decode(path, "L", min_side)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding pixels."""
+    path = Path(path)
+    try:
+        with _bomb_guard_lifted(), Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except _DECODE_ERRORS as e:
+        raise ImageReadError(f"{path}: cannot read image header ({_reason(e)})") from e
+
+
+def write_png(array: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write an HxW or HxWx3/4 uint8 array as an 8-bit PNG atomically, creating parent folders."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise TypeError(f"write_png needs a uint8 array, got {array.dtype} for {path}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ValueError(f"write_png needs HxW, HxWx3 or HxWx4, got shape {array.shape} for {path}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
+    return path

@@ -1,0 +1,91 @@
+"""Write FSANet prediction maps for the DIS5K splits, or for every image in a folder (--input).
+
+    python test.py --pth_path checkpoints/FSANet/FSANet-100.pth
+    python test.py --pth_path checkpoints/FSANet/FSANet-100.pth --input photos/ --save_root results/photos
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from lib.checkpoint import CheckpointError
+from utils.inference import (AMP_DTYPES, DIS5K_SPLITS, InferenceError, InferenceOptions, InferenceSummary,
+                             check_options, dis5k_jobs, folder_job, load_model, predict_jobs, select_device)
+
+EXIT_FAILED_IMAGES = 1
+EXIT_USAGE = 2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The release's test.py flags plus folder mode, device, batching, precision and resume options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pth_path", required=True,
+                   help="checkpoint: the release's FSANet-100.pth, one of ours, or a bare state dict")
+    p.add_argument("--testsize", type=int, default=992,
+                   help="square size the images are resized to for the model (multiple of 32; release: 992)")
+    p.add_argument("--data_root", default="data/DIS5K",
+                   help="DIS5K folder holding the --datasets splits, each with im/ (or Imgs/)")
+    p.add_argument("--datasets", nargs="+", default=list(DIS5K_SPLITS),
+                   help="splits under --data_root to predict; maps go to <save_root>/<name>/<stem>.png")
+    p.add_argument("--input", metavar="DIR",
+                   help="predict every image in DIR instead of DIS5K (no masks needed); "
+                        "maps go to <save_root>/<stem>.png")
+    p.add_argument("--save_root", default="results/FSANet", help="folder the maps are written to")
+    p.add_argument("--freq_encoder", choices=("resnet50", "res2net50"), default="resnet50",
+                   help="frequency encoder the checkpoint was trained with (release: resnet50)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--batch_size", type=int, default=1, help="images per forward pass (release: 1)")
+    p.add_argument("--num_workers", type=int, default=0,
+                   help="DataLoader processes that read and resize images in the background (0: main process)")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default=None,
+                   help="mixed-precision forward in bf16 or fp16 (faster; maps differ slightly from fp32)")
+    p.add_argument("--fast_decode", action="store_true",
+                   help="decode JPEGs at reduced resolution (still >= --testsize) before resizing: much faster "
+                        "on large photos, but changes the maps' pixels slightly vs the release")
+    p.add_argument("--skip_existing", action="store_true",
+                   help="skip images whose map already exists (resume an interrupted run)")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> InferenceSummary:
+    """Find the images, load the model and write the maps."""
+    options = InferenceOptions(testsize=args.testsize, device=select_device(args.device),
+                               batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp,
+                               fast_decode=args.fast_decode, skip_existing=args.skip_existing)
+    check_options(options)
+    if args.input is not None:
+        jobs = [folder_job(args.input, args.save_root)]
+    else:
+        jobs = dis5k_jobs(args.data_root, args.datasets, args.save_root)
+    model = load_model(args.pth_path, args.freq_encoder, options.device)
+    with logging_redirect_tqdm():
+        return predict_jobs(model, jobs, options)
+
+
+def report(summary: InferenceSummary, save_root: str) -> None:
+    """Print what the run wrote, skipped and could not read."""
+    rate = summary.written / summary.seconds if summary.seconds else 0.0
+    print(f"{summary.written} maps written to {save_root} ({rate:.2f} images/s), "
+          f"{summary.skipped} skipped (map exists), {len(summary.failed)} failed")
+    for _, reason in summary.failed:
+        print(f"  failed: {reason}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run test.py; exit 0 when every map was written, 1 when some images failed, 2 on a setup error."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        summary = run(args)
+    except (CheckpointError, InferenceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    report(summary, args.save_root)
+    return EXIT_FAILED_IMAGES if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

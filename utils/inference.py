@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from lib import FSANet, load_checkpoint
+from lib.fast import optimize_for_inference
 from utils.data import SPLIT_LAYOUTS, image_transform
 from utils.imageio import IMAGE_EXTENSIONS, ImageReadError, image_size, list_images, read_rgb, write_png
 
@@ -174,10 +175,10 @@ def dis5k_jobs(data_root: str | os.PathLike, datasets: Sequence[str], save_root:
 
 
 def load_model(pth_path: str | os.PathLike, freq_encoder: str, device: torch.device) -> nn.Module:
-    """FSANet with the checkpoint's weights, on `device`, in eval mode."""
+    """FSANet with the checkpoint's weights, on `device`, BatchNorm folded for inference."""
     model = FSANet(freq_encoder=freq_encoder)
     load_checkpoint(model, pth_path)
-    return model.to(device).eval()
+    return optimize_for_inference(model.to(device))
 
 
 class ImageListDataset(Dataset):
@@ -282,7 +283,7 @@ def _predict_batch(model: nn.Module, batch: Batch, paths: Sequence[Path], save_d
     """Run the model on one batch and write one map per image at that image's own size."""
     images = batch.images.to(options.device, non_blocking=True)
     with torch.inference_mode(), autocast(options.device, options.amp):
-        p1 = model(images)[0]
+        p1 = model.predict(images)
     with torch.inference_mode():
         for logits, index, size in zip(p1, batch.indices, batch.sizes):
             target = map_path(save_dir, paths[index])

@@ -7,8 +7,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 # Read once at import: os.umask can only be read by setting it, which is not thread-safe later.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -35,5 +33,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save that leaves either the old file or the complete new one, never a partial one."""
+    import torch  # here, not at the top: image and eval tools use this module without needing torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

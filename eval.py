@@ -1,0 +1,87 @@
+"""Evaluate saved prediction maps on DIS5K and print the field's table (maxF, wF, MAE, Sm, meanEm, HCE).
+
+Example: python eval.py --pred_root results/FSANet --gt_root data/DIS5K --save_json results/FSANet/metrics.json
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from utils.evaluation import (
+    DEFAULT_DATASETS,
+    EvalConfig,
+    EvalError,
+    default_cache_dir,
+    default_workers,
+    run,
+)
+from utils.metrics import ALL_METRICS, FIELD_METRICS
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        """The integer in `text`, checked against the minimum."""
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pred_root", type=Path, default=Path("results/FSANet"),
+                   help="folder with one sub-folder of <stem>.png prediction maps per dataset")
+    p.add_argument("--gt_root", type=Path, default=Path("data/DIS5K"),
+                   help="DIS5K root: <gt_root>/<dataset>/gt/<stem>.png (or GT/)")
+    p.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS),
+                   help="datasets to evaluate; the 'DIS-TE (1-4)' row (mean of the four subsets) is added "
+                        "when DIS-TE1..4 are all among them")
+    p.add_argument("--workers", type=int_at_least(1), default=default_workers(),
+                   help="worker processes evaluating images in parallel (default: all cores)")
+    p.add_argument("--cache_dir", type=Path, default=None,
+                   help=f"folder caching GT skeletons for HCE, keyed by GT file content "
+                        f"(default: {default_cache_dir()})")
+    p.add_argument("--no_cache", action="store_true", help="recompute every GT skeleton, read and write no cache")
+    p.add_argument("--metrics", nargs="+", choices=ALL_METRICS, default=list(FIELD_METRICS), metavar="METRIC",
+                   help=f"table columns, any of {' '.join(ALL_METRICS)} "
+                        f"(default: the field's {' '.join(FIELD_METRICS)}); JSON and CSV always hold all metrics")
+    p.add_argument("--digits", type=int_at_least(0), default=3,
+                   help="decimals in the printed and LaTeX tables (HCE: none)")
+    p.add_argument("--save_json", type=Path, help="write {dataset: {metric: value, ..., 'n': images}} here")
+    p.add_argument("--save_csv", type=Path, help="write one CSV line per dataset with every metric here")
+    p.add_argument("--save_latex", type=Path, help="write the table as a LaTeX (booktabs) tabular here")
+    p.add_argument("--per_image_csv", type=Path, help="write every image's metrics (MAE, HCE, ...) here")
+    p.add_argument("--plot_dir", type=Path, help="write <dataset>_pr.png and <dataset>_fmeasure.png curves here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the evaluation; user errors end with one line on stderr and exit status 1."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    config = EvalConfig(
+        pred_root=args.pred_root, gt_root=args.gt_root, datasets=args.datasets, workers=args.workers,
+        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()), metrics=args.metrics,
+        digits=args.digits, save_json=args.save_json, save_csv=args.save_csv, save_latex=args.save_latex,
+        per_image_csv=args.per_image_csv, plot_dir=args.plot_dir,
+    )
+    try:
+        table = run(config)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""DIS5K metrics: PySODMetrics 1.6.2's classes plus HCE as the DIS authors compute it.
+
+`DISMetrics` steps the library's own classes on the raw 8-bit maps, so maxF, meanF, adpF (beta^2 = 0.3),
+wF, MAE, Sm, meanEm, maxEm and adpEm are PySODMetrics' numbers. The classes accumulate one entry per
+image; `DISMetrics.state()` / `merge()` move those entries between processes, so images stepped in
+worker processes and merged in order give the same numbers as one sequential loop.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+from py_sod_metrics import (
+    MAE,
+    Emeasure,
+    FmeasureHandler,
+    FmeasureV2,
+    HumanCorrectionEffortMeasure,
+    PrecisionHandler,
+    RecallHandler,
+    Smeasure,
+    WeightedFmeasure,
+)
+from py_sod_metrics.utils import validate_and_normalize_input
+from skimage import morphology
+
+# Every metric reported, in the order of the reference expected.json.
+ALL_METRICS: tuple[str, ...] = ("maxF", "meanF", "adpF", "wF", "MAE", "Sm", "meanEm", "maxEm", "adpEm", "HCE")
+# The columns of the field's DIS5K tables, in the field's order.
+FIELD_METRICS: tuple[str, ...] = ("maxF", "wF", "MAE", "Sm", "meanEm", "HCE")
+# The DIS authors' binarisation threshold on raw 8-bit values (`> 128`), also PySODMetrics' GT threshold.
+BINARY_THRESHOLD = 128
+
+
+def gt_skeleton(gt: np.ndarray) -> np.ndarray:
+    """skimage.morphology.skeletonize(gt) for a boolean GT, computed on the foreground's bounding box."""
+    skeleton = np.zeros(gt.shape, dtype=bool)
+    rows = np.flatnonzero(gt.any(axis=1))
+    if rows.size == 0:
+        return skeleton
+    cols = np.flatnonzero(gt.any(axis=0))
+    # Zhang-Suen thinning decides each pixel from its 3x3 neighbourhood and skimage pads the image with
+    # background, which is what surrounds the bounding box anyway: the skeleton is identical.
+    box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    skeleton[box] = morphology.skeletonize(gt[box])
+    return skeleton
+
+
+class HumanCorrectionEffort(HumanCorrectionEffortMeasure):
+    """Human Correction Effort as the DIS authors' `hce_metric_main.py` computes it.
+
+    ```
+    @inproceedings{HCE,
+        title={Highly Accurate Dichotomous Image Segmentation},
+        author={Qin, Xuebin and Dai, Hang and Hu, Xiaobin and Fan, Deng-Ping and Shao, Ling and Van Gool, Luc},
+        booktitle=ECCV,
+        year={2022}
+    }
+    ```
+
+    The authors binarise the raw 8-bit prediction and GT at `> 128` (no min-max normalisation) and take
+    the GT skeleton from `skeletonize(gt > 128)`, relax 5, epsilon 2.0. PySODMetrics' class min-max
+    normalises the prediction and thresholds it at 0.5, which changes the counts of some images. Contour
+    filtering and polygon counting are the library's; the relaxation is restated here only because the
+    library computes the skeleton inside `cal_hce`, where a cached one cannot be passed in.
+    """
+
+    def step(self, pred: np.ndarray, gt: np.ndarray, skeleton: np.ndarray | None = None) -> None:
+        """Add the HCE of one raw 8-bit prediction/GT pair; `skeleton` is the GT's, when already known."""
+        gt_bin = gt > BINARY_THRESHOLD
+        if skeleton is None:
+            skeleton = gt_skeleton(gt_bin)
+        self.hces.append(self.cal_hce_binary(pred > BINARY_THRESHOLD, gt_bin, skeleton))
+
+    def cal_hce_binary(self, pred: np.ndarray, gt: np.ndarray, skeleton: np.ndarray) -> int:
+        """HCE of a binary prediction against a binary GT and the GT's skeleton."""
+        tp = np.logical_and(gt, pred)
+        fp = np.logical_xor(pred, tp)
+        fn = np.logical_xor(gt, tp)
+        eroded_union = cv2.erode(np.logical_or(gt, pred).astype(np.uint8), self.morphology_kernel,
+                                 iterations=self.relax)
+
+        # Keep FP/FN pixels within `relax` steps of errors lying deeper than `relax` inside the union
+        # (not crossing into the GT for FP, the prediction for FN): thin boundary errors cost nothing.
+        fp_relaxed = np.logical_and(fp, eroded_union)
+        for _ in range(self.relax):
+            fp_relaxed = cv2.dilate(fp_relaxed.astype(np.uint8), self.morphology_kernel)
+            fp_relaxed = np.logical_and(fp_relaxed, ~gt)
+        fp_relaxed = np.logical_and(fp, fp_relaxed)
+        fn_relaxed = np.logical_and(fn, eroded_union)
+        for _ in range(self.relax):
+            fn_relaxed = cv2.dilate(fn_relaxed.astype(np.uint8), self.morphology_kernel)
+            fn_relaxed = np.logical_and(fn_relaxed, ~pred)
+        fn_relaxed = np.logical_and(fn, fn_relaxed)
+        # Missed skeleton pixels are structural errors however thin they are.
+        fn_relaxed = np.logical_or(fn_relaxed, np.logical_xor(skeleton, np.logical_and(tp, skeleton)))
+
+        contours_fp, _ = cv2.findContours(fp_relaxed.astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
+        bdies_fp, indep_fp = self.filter_conditional_boundary(contours_fp, fp_relaxed, np.logical_or(tp, fn_relaxed))
+        contours_fn, _ = cv2.findContours(fn_relaxed.astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
+        condition_fn = 1 - np.logical_or(np.logical_or(tp, fp_relaxed), fn_relaxed)
+        bdies_fn, indep_fn = self.filter_conditional_boundary(contours_fn, fn_relaxed, condition_fn)
+        points = self.count_polygon_control_points(bdies_fp, self.epsilon)
+        points += self.count_polygon_control_points(bdies_fn, self.epsilon)
+        return int(points + indep_fp + indep_fn)
+
+
+class DISMetrics:
+    """All DIS5K metrics of one dataset; per-image entries can be computed elsewhere and merged."""
+
+    def __init__(self) -> None:
+        """Create the library's metric objects (F-measure beta^2 = 0.3, S-measure alpha = 0.5)."""
+        self._fm = FmeasureHandler(with_dynamic=True, with_adaptive=True, beta=0.3)
+        self._precision = PrecisionHandler(with_dynamic=True, with_adaptive=False)
+        self._recall = RecallHandler(with_dynamic=True, with_adaptive=False)
+        self.fmeasure = FmeasureV2({"fm": self._fm, "precision": self._precision, "recall": self._recall})
+        self.emeasure = Emeasure()
+        self.smeasure = Smeasure(alpha=0.5)
+        self.wfmeasure = WeightedFmeasure()
+        self.mae = MAE()
+        self.hce = HumanCorrectionEffort(relax=5, epsilon=2.0)
+
+    def _records(self) -> dict[str, list]:
+        """Every per-image list the metric objects accumulate, by name."""
+        return {
+            "fm_curve": self._fm.dynamic_results, "adpF": self._fm.adaptive_results,
+            "precision": self._precision.dynamic_results, "recall": self._recall.dynamic_results,
+            "em_curve": self.emeasure.changeable_ems, "adpEm": self.emeasure.adaptive_ems,
+            "Sm": self.smeasure.sms, "wF": self.wfmeasure.weighted_fms, "MAE": self.mae.maes,
+            "HCE": self.hce.hces,
+        }
+
+    def __len__(self) -> int:
+        """Number of images stepped or merged so far."""
+        return len(self.mae.maes)
+
+    def step(self, pred: np.ndarray, gt: np.ndarray, skeleton: np.ndarray | None = None) -> None:
+        """Add one raw 8-bit prediction/GT pair of the same size (`skeleton`: the GT's, if known)."""
+        # Normalising once and passing normalize=False gives each class exactly what its own
+        # normalize=True path would compute, without redoing it five times.
+        pred_norm, gt_bin = validate_and_normalize_input(pred, gt, normalize=True)
+        for metric in (self.fmeasure, self.emeasure, self.smeasure, self.wfmeasure, self.mae):
+            metric.step(pred_norm, gt_bin, normalize=False)
+        self.hce.step(pred, gt, skeleton)
+
+    def state(self) -> dict[str, list]:
+        """Copies of the per-image entries, for merge() into another DISMetrics."""
+        return {name: list(entries) for name, entries in self._records().items()}
+
+    def merge(self, state: dict[str, list]) -> None:
+        """Append per-image entries produced by state() of another DISMetrics."""
+        for name, entries in self._records().items():
+            entries.extend(state[name])
+
+    def get_results(self) -> dict[str, Any]:
+        """The dataset's metrics (ALL_METRICS as floats) and `n`, the number of images."""
+        if len(self) == 0:
+            raise ValueError("no images were evaluated")
+        fm = self.fmeasure.get_results()["fm"]
+        em = self.emeasure.get_results()["em"]
+        results = {
+            "maxF": fm["dynamic"].max(), "meanF": fm["dynamic"].mean(), "adpF": fm["adaptive"],
+            "wF": self.wfmeasure.get_results()["wfm"], "MAE": self.mae.get_results()["mae"],
+            "Sm": self.smeasure.get_results()["sm"],
+            "meanEm": em["curve"].mean(), "maxEm": em["curve"].max(), "adpEm": em["adp"],
+            "HCE": self.hce.get_results()["hce"],
+        }
+        return {**{name: float(results[name]) for name in ALL_METRICS}, "n": len(self)}
+
+    def curves(self) -> dict[str, np.ndarray]:
+        """Mean precision, recall and F-measure over images at thresholds 0..255 (ascending)."""
+        results = self.fmeasure.get_results()
+        # The library orders its curves from threshold 255 down to 0.
+        return {"threshold": np.arange(256), "precision": results["precision"]["dynamic"][::-1],
+                "recall": results["recall"]["dynamic"][::-1], "fmeasure": results["fm"]["dynamic"][::-1]}
+
+
+def image_summary(state: dict[str, list]) -> dict[str, float]:
+    """Per-image values (ALL_METRICS, F and E curves taken over that image alone) of a one-image state()."""
+    fm_curve, em_curve = np.asarray(state["fm_curve"][0]), np.asarray(state["em_curve"][0])
+    summary = {
+        "maxF": fm_curve.max(), "meanF": fm_curve.mean(), "adpF": state["adpF"][0], "wF": state["wF"][0],
+        "MAE": state["MAE"][0], "Sm": state["Sm"][0], "meanEm": em_curve.mean(), "maxEm": em_curve.max(),
+        "adpEm": state["adpEm"][0], "HCE": state["HCE"][0],
+    }
+    return {name: float(summary[name]) for name in ALL_METRICS}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -115,6 +116,11 @@ def save_picture(data: Path, before: Path, after: Path, path: Path, per_split: i
     return path
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the repository when inside it."""
+    return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo end to end and print where everything went."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -133,8 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     picture = save_picture(data, out / "maps_untrained", out / "maps_trained", out / "predictions.png")
     print("\nFSANet on the synthetic DIS-like test sets, untrained → trained:\n")
     print(comparison_table(before, after))
-    print(f"\npicture: {picture.relative_to(ROOT)}  (image | ground truth | untrained | trained)")
-    print(f"TensorBoard: .venv/bin/tensorboard --logdir {out.relative_to(ROOT)}")
+    print(f"\npicture: {_shown(picture)}  (image | ground truth | untrained | trained)")
+    print(f"TensorBoard: .venv/bin/tensorboard --logdir {_shown(out)}")
     print(f"demo took {time.perf_counter() - start:.0f} s")
     return 0
 

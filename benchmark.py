@@ -1,0 +1,68 @@
+"""Measure FSANet's cost: parameters, MACs, inference latency and memory, training, data loading, eval.
+
+    python benchmark.py                      # everything, at the release's sizes, on the GPU if present
+    python benchmark.py --only inference --size 512 --runs 3
+
+Prints one Markdown table (each row names its device and dtype) and can save it with --report.
+Speed-ups are ratios to the release's way of computing, timed in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from utils.benchmarking import data_rows, eval_rows, inference_rows, markdown_table, train_rows
+from utils.inference import select_device
+
+PARTS = ("inference", "train", "data", "eval")
+
+
+def parse_args() -> argparse.Namespace:
+    """Benchmark options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to measure")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--size", type=int, default=1024, help="inference input side")
+    p.add_argument("--batch", type=int, default=4, help="the larger inference batch")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the fast model")
+    p.add_argument("--trainsize", type=int, default=736, help="training size (the release's)")
+    p.add_argument("--train_batch", type=int, default=2, help="training batch size")
+    p.add_argument("--train_amp", choices=["none", "bf16", "fp16"], default="none", help="training mixed precision")
+    p.add_argument("--data_images", type=int, default=8, help="generated 2500x3400 JPEGs for the loading benchmark")
+    p.add_argument("--eval_images", type=int, default=8, help="generated 2500x3400 maps for the eval benchmark")
+    p.add_argument("--eval_workers", type=int, default=None, help="eval worker processes (default: all cores)")
+    p.add_argument("--report", type=Path, default=None, help="also write the table (Markdown) here, and .json beside it")
+    return p.parse_args()
+
+
+def main() -> int:
+    """Run the chosen parts and print the table."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    args = parse_args()
+    device = select_device(args.device)
+    rows = []
+    if "inference" in args.only:
+        rows += inference_rows(args.size, args.batch, args.runs, device, args.compile)
+    if "train" in args.only:
+        rows += train_rows(args.trainsize, args.train_batch, max(1, args.runs - 1), str(device), args.train_amp)
+    if "data" in args.only:
+        rows += data_rows(args.data_images, args.trainsize)
+    if "eval" in args.only:
+        rows += eval_rows(args.eval_images, args.eval_workers)
+    table = markdown_table(rows)
+    print(f"torch {torch.__version__}\n\n{table}")
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(table + "\n")
+        args.report.with_suffix(".json").write_text(json.dumps([r.__dict__ for r in rows], indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

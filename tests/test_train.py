@@ -1,0 +1,296 @@
+"""train.py end to end on a tiny synthetic dataset with the real FSANet (trainsize 64, batch 2, CPU)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+import train
+from lib import FSANet
+from utils.synthetic import generate_split
+from utils.trainer import CHECKPOINT_FORMAT, TrainConfig, Trainer, tensors_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """DIS-TR with 4 and DIS-VD with 2 synthetic 96x80 pairs (DIS5K v1.0 layout)."""
+    root = tmp_path_factory.mktemp("tiny_dis5k")
+    generate_split(root, "DIS-TR", 4, seed=0, size=(96, 80))
+    generate_split(root, "DIS-VD", 2, seed=0, size=(96, 80))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def drop_checkpoints(tmp_path):
+    """Delete each test's checkpoints afterwards: every one holds 1.3 GB (weights and AdaXW moments)."""
+    yield
+    remove_checkpoints(tmp_path)
+
+
+def remove_checkpoints(folder: Path) -> None:
+    """Delete every .pth file under folder."""
+    for path in folder.rglob("*.pth"):
+        path.unlink()
+
+
+def cli_args(train_path: Path, save_root: Path, name: str, *extra: str) -> list[str]:
+    """train.py flags for a tiny CPU run from random weights."""
+    return ["--train_path", str(train_path), "--trainsize", "64", "--batchsize", "2", "--no_pretrained",
+            "--num_workers", "0", "--device", "cpu", "--save_root", str(save_root), "--train_save", name,
+            "--seed", str(SEED), *extra]
+
+
+def load(path: Path) -> dict:
+    """A training checkpoint, read the way users read it."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def parameter_names() -> list[str]:
+    """Names of FSANet's parameters (not buffers), from a weightless meta-device model."""
+    with torch.device("meta"):
+        return [name for name, _ in FSANet().named_parameters()]
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Model tensors, optimiser state and counters are bit-identical."""
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for index in sa:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa[index][name], sb[index][name]), (index, name)
+        assert sa[index]["step"] == sb[index]["step"]
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+
+
+def test_bad_data_is_reported_by_file_name(tiny_data, tmp_path, caplog):
+    split = tmp_path / "DIS-TR"
+    shutil.copytree(tiny_data / "DIS-TR", split)
+    (split / "gt" / "tr_0001.png").unlink()  # an image without its mask
+    (split / "im" / "broken.jpg").write_bytes(b"not a jpeg")
+    (split / "gt" / "broken.png").write_bytes(b"not a png")
+    rc = train.main(cli_args(split, tmp_path / "ck", "bad", "--on_bad", "error"))
+    assert rc == 1
+    assert "tr_0001.jpg" in caplog.text and "broken.jpg" in caplog.text
+    assert not (tmp_path / "ck" / "bad" / "last.pth").exists()
+
+
+def test_missing_pretrained_weights_stop_with_a_clear_message(tiny_data, tmp_path, caplog):
+    args = [a for a in cli_args(tiny_data / "DIS-TR", tmp_path, "nopre") if a != "--no_pretrained"]
+    rc = train.main(args + ["--pvt_path", str(tmp_path / "missing_pvt.pth"),
+                            "--resnet_path", str(tmp_path / "missing_resnet.pth")])
+    assert rc == 1
+    assert "missing_pvt.pth" in caplog.text and "--no_pretrained" in caplog.text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--batchsize", "1"), "--batchsize 1: must be at least 2"),
+    (("--val_size", "100"), "--val_size 100: must be a positive multiple of 32"),
+    pytest.param(("--device", "cuda"), "--device cuda: no CUDA GPU is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+])
+def test_unusable_options_stop_with_one_clear_line(tiny_data, tmp_path, caplog, flags, message):
+    rc = train.main(cli_args(tiny_data / "DIS-TR", tmp_path, "opts", *flags))
+    assert rc == 1
+    assert message in caplog.text
+    assert not (tmp_path / "opts").exists()
+
+
+@pytest.fixture(scope="module")
+def train_split(tiny_data, tmp_path_factory) -> Path:
+    """The 4 training pairs plus an image whose mask is missing (skipped by name)."""
+    split = tmp_path_factory.mktemp("with_bad") / "DIS-TR"
+    shutil.copytree(tiny_data / "DIS-TR", split)
+    shutil.copy(split / "im" / "tr_0000.jpg", split / "im" / "orphan.jpg")
+    return split
+
+
+# The planned schedule is 3 epochs; the runs stop after epoch 2, whose learning rate is still non-zero.
+SCHEDULE = ("--epoch", "3", "--save_every", "3")
+
+
+@pytest.fixture(scope="module")
+def straight_run(train_split, tmp_path_factory) -> Iterator[Path]:
+    """Epochs 1 and 2 of the schedule trained without interruption."""
+    save_root = tmp_path_factory.mktemp("straight")
+    assert train.main(cli_args(train_split, save_root, "run", *SCHEDULE, "--stop_after_epoch", "2")) == 0
+    yield save_root / "run"
+    remove_checkpoints(save_root)
+
+
+@pytest.fixture(scope="module")
+def killed_run(train_split, tmp_path_factory) -> Iterator[Path]:
+    """The same run in its own process, saving after every batch and killed (SIGKILL) inside epoch 1."""
+    save_root = tmp_path_factory.mktemp("killed")
+    cmd = [sys.executable, str(ROOT / "train.py"),
+           *cli_args(train_split, save_root, "run", *SCHEDULE, "--save_iters", "1")]
+    # The same thread count as this process, so both runs sum in the same order.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
+    last = save_root / "run" / "last.pth"
+    with open(save_root / "train.log", "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            # last.pth appears (by rename) after batch 1; batch 2's three steps leave time to kill it mid-epoch.
+            deadline = time.monotonic() + 400
+            while proc.poll() is None and not last.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.kill()
+        finally:
+            proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (save_root / "train.log").read_text()[-3000:]
+    ckpt = load(last)
+    assert (ckpt["epoch"], ckpt["iteration"], ckpt["step"]) == (0, 1, 3)  # one of epoch 1's two batches done
+    yield save_root / "run"
+    remove_checkpoints(save_root)
+
+
+def linked_copy(run: Path, save_root: Path) -> Path:
+    """The run folder hard-linked under save_root: checkpoints are replaced by rename, so the source stays intact."""
+    dest = save_root / run.name
+    shutil.copytree(run, dest, copy_function=os.link)
+    return dest
+
+
+def tensorboard_scalars(run: Path) -> dict[str, list[float]]:
+    """Every scalar series the run wrote to <run>/tb."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_training_lowers_the_loss_and_logs_it(straight_run):
+    scalars = tensorboard_scalars(straight_run)
+    for tag in ("train/loss", "train/P1", "train/P2", "train/P3", "train/P4", "train/lr", "train/images_per_s"):
+        assert len(scalars[tag]) == 4, tag  # 2 batches per epoch, 2 epochs
+    loss = scalars["train/loss"]
+    assert loss[2] + loss[3] < loss[0] + loss[1]  # the same 4 images: epoch 2's loss is lower
+    assert scalars["train/lr"] == pytest.approx([2e-4 * (2 / 3) ** 0.9] * 2 + [2e-4 * (1 / 3) ** 0.9] * 2)
+
+
+def test_checkpoints_hold_the_full_training_state(straight_run):
+    # Release names: after epoch e with (e + 1) % save_every == 0, FSANet-{e+1}.pth (it holds e epochs).
+    assert sorted(p.name for p in straight_run.glob("*.pth")) == ["FSANet-3.pth", "last.pth"]
+    ckpt = load(straight_run / "last.pth")
+    assert ckpt["format"] == CHECKPOINT_FORMAT and (ckpt["epoch"], ckpt["step"]) == (2, 12)
+    assert {"model", "optimizer", "scaler", "rng", "args"} <= ckpt.keys()
+    assert {"python", "numpy", "torch"} <= ckpt["rng"].keys() and ckpt["args"]["epoch"] == 3
+    assert set(parameter_names()) <= ckpt["model"].keys()  # no module. prefixes
+    assert ckpt["model"]["frequency.radius"].item() == 100.0  # never gets a gradient, so never decays
+    assert_same_state(ckpt, load(straight_run / "FSANet-3.pth"))
+
+
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(train_split, killed_run, straight_run, tmp_path):
+    run = linked_copy(killed_run, tmp_path)
+    rc = train.main(cli_args(train_split, tmp_path, "run", *SCHEDULE, "--stop_after_epoch", "2",
+                             "--pre_model", str(run / "last.pth")))
+    assert rc == 0
+    straight, resumed = load(straight_run / "last.pth"), load(run / "last.pth")
+    assert (resumed["epoch"], resumed["iteration"], resumed["step"]) == (2, 0, 12)
+    assert_same_state(straight, resumed)
+    assert torch.equal(straight["rng"]["torch"], resumed["rng"]["torch"])
+    killed = load(killed_run / "last.pth")["model"]
+    assert any(not torch.equal(killed[k], resumed["model"][k]) for k in parameter_names())  # it trained on
+
+
+def test_resuming_a_finished_schedule_trains_nothing(train_split, straight_run, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    run = linked_copy(straight_run, tmp_path)
+    before = (run / "last.pth").stat()
+    rc = train.main(cli_args(train_split, tmp_path, "run", "--epoch", "2", "--pre_model", str(run / "last.pth")))
+    assert rc == 0
+    assert "already complete" in caplog.text
+    assert (run / "last.pth").stat().st_mtime_ns == before.st_mtime_ns
+    assert "orphan.jpg" in caplog.text  # the image without a mask is skipped by name (--on_bad skip)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(train_split, killed_run, tmp_path, caplog):
+    run = linked_copy(killed_run, tmp_path)
+    before = (run / "last.pth").stat()
+    rc = train.main(cli_args(train_split, tmp_path, "run", *SCHEDULE, "--save_iters", "1", "--lr", "1e30",
+                             "--pre_model", str(run / "last.pth")))
+    assert rc == 1
+    assert "non-finite loss at epoch 1, batch 2" in caplog.text and str(run / "last.pth") in caplog.text
+    after = (run / "last.pth").stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert sorted(p.name for p in run.glob("*.pth")) == ["last.pth"]
+
+
+def test_fp16_run_keeps_its_grad_scaler_and_validates(tiny_data, tmp_path):
+    two_images = tiny_data / "DIS-VD"
+    rc = train.main(cli_args(two_images, tmp_path, "amp", "--epoch", "2", "--stop_after_epoch", "1",
+                             "--amp", "fp16", "--channels_last", "--val_path", str(two_images), "--val_size", "64"))
+    assert rc == 0
+    run = tmp_path / "amp"
+    assert sorted(p.name for p in run.glob("*.pth")) == ["best.pth", "last.pth"]
+    ckpt = load(run / "last.pth")
+    assert ckpt["scaler"]["scale"] > 0 and ckpt["scaler"]["_growth_tracker"] > 0  # fp16 steps were taken
+    scalars = tensorboard_scalars(run)
+    assert scalars["val/maxF"] == [pytest.approx(ckpt["best_maxf"])] and 0 < ckpt["best_maxf"] <= 1
+    assert len(scalars["val/MAE"]) == 1 and 0 <= scalars["val/MAE"][0] <= 1
+    cfg = TrainConfig(train_path=str(two_images), trainsize=64, batchsize=2, num_workers=0, device="cpu",
+                      save_root=str(tmp_path), train_save="amp", epoch=2, amp="fp16", pre_model=str(run / "last.pth"))
+    trainer = Trainer(cfg)
+    assert trainer.scaler.state_dict() == ckpt["scaler"]  # resuming restores the GradScaler
+    trainer.writer.close()
+
+
+def test_release_checkpoint_initialises_weights_only(official_weights, tiny_data, tmp_path):
+    path = tmp_path / "FSANet-100.pth"
+    official_weights.save_official_checkpoint(path, seed=0, radius=60.0)  # the release's layout, with optimizer
+    cfg = TrainConfig(train_path=str(tiny_data / "DIS-TR"), trainsize=64, batchsize=2, num_workers=0, device="cpu",
+                      save_root=str(tmp_path / "ck"), pre_model=str(path), epoch=3)
+    trainer = Trainer(cfg)  # no --no_pretrained needed: the weights come from --pre_model
+    assert (trainer.state.epoch, trainer.state.step) == (0, 0)  # the run starts at epoch 1
+    assert not trainer.optimizer.state
+    expected = official_weights.official_state_dict(seed=0, radius=60.0)
+    assert trainer.model.frequency.radius.item() == 60.0
+    assert torch.equal(trainer.model.head.conv2_1.weight.detach(), expected["conv2_1.weight"])
+    trainer.writer.close()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_trains_identical_replicas(tiny_data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(ROOT / "train.py"),
+           *cli_args(tiny_data / "DIS-TR", tmp_path, "ddp", "--epoch", "2", "--stop_after_epoch", "1")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks on this machine; no hostname lookup needed
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    line = next(l for l in log.splitlines() if "parameter sha256 per rank:" in l)
+    digests = line.split("per rank:")[1].split(";")[0].split()
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+    ckpt = load(tmp_path / "ddp" / "last.pth")
+    names = set(parameter_names())
+    assert tensors_digest((k, v) for k, v in ckpt["model"].items() if k in names) == digests[0]
+    # 4 images, 2 per process per batch: each rank took one batch, three optimiser steps.
+    assert (ckpt["epoch"], ckpt["step"], ckpt["world_size"]) == (1, 3, 2)
+    assert len(ckpt["rng_ranks"]) == 2 and not torch.equal(ckpt["rng_ranks"][0]["torch"], ckpt["rng_ranks"][1]["torch"])
+    assert ckpt["model"]["frequency.radius"].item() == 100.0
+    assert len(list((tmp_path / "ddp" / "tb").iterdir())) == 1  # rank 0 alone logs

@@ -1,0 +1,148 @@
+"""Train FSANet on DIS5K with the authors' recipe (defaults = the release).
+
+    python train.py --train_path data/DIS5K/DIS-TR --val_path data/DIS5K/DIS-VD --train_save FSANet
+    torchrun --nproc_per_node 2 train.py --train_path data/DIS5K/DIS-TR --batchsize 4   # DDP, 4 per GPU
+    python train.py ... --pre_model checkpoints/FSANet/last.pth                        # resume
+
+Without torchrun it trains on every visible GPU through DataParallel (as the release), or on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from lib.checkpoint import CheckpointError
+from utils.data import DataError
+from utils.distributed import DeviceError, cleanup_distributed, init_distributed
+from utils.imageio import ImageReadError
+from utils.trainer import TrainConfig, Trainer, TrainingError, configure_logging
+
+log = logging.getLogger("train")
+
+EXIT_ERROR = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The release's train.py flags (same names and defaults) plus scale, resume and logging options."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("release recipe")
+    g.add_argument("--epoch", type=int, default=d.epoch,
+                   help="epochs E of the poly schedule lr*(1-e/E)^0.9, set at the start of epoch e=1..E (the "
+                        "last epoch runs at lr 0, as released). Resuming our last.pth finishes these E epochs; "
+                        "the release instead ran --epoch more epochs past the saved one (a bug not copied)")
+    g.add_argument("--lr", type=float, default=d.lr, help="base learning rate of AdaXW (release: 2e-4)")
+    g.add_argument("--weight_decay", type=float, default=d.weight_decay,
+                   help="AdaXW decoupled weight decay, applied to every parameter with a gradient (release: 1e-4)")
+    g.add_argument("--batchsize", type=int, default=d.batchsize,
+                   help="images per batch (release: 8). Under torchrun this is PER PROCESS (global batch = "
+                        "batchsize x processes); with DataParallel it is split over the GPUs")
+    g.add_argument("--trainsize", type=int, default=d.trainsize,
+                   help="square size images and masks are resized to (release: 736)")
+    g.add_argument("--rates", type=float, nargs="+", default=list(d.rates),
+                   help="multi-scale rates, one optimiser step each per batch at round(trainsize*rate/32)*32 "
+                        "(release: 0.75 1 1.25)")
+    g.add_argument("--clip", type=float, default=d.clip,
+                   help="clamp every gradient element to [-clip, clip] before each step "
+                        "(release: 0.5; not a norm clip)")
+    g.add_argument("--weighted_bce", action="store_true",
+                   help="apply the boundary weight 1+5|avgpool(mask)-mask| to the BCE term as the release intended; "
+                        "by default the BCE term is a plain mean over pixels, as the release actually computes it")
+    g.add_argument("--train_path", default=d.train_path,
+                   help="training split with im/ + gt/ (DIS5K v1.0) or Imgs/ + GT/ (release layout)")
+    g.add_argument("--train_save", default=d.train_save,
+                   help="run name: checkpoints, TensorBoard logs go to <save_root>/<train_save>/")
+    g.add_argument("--pre_model", default=None,
+                   help="our <run>/last.pth (or FSANet-N.pth): resume it exactly (model, optimiser, epoch, "
+                        "step, schedule, RNG, GradScaler) and finish --epoch. The release's FSANet-100.pth or bare "
+                        "weights: initialise the weights only and start at epoch 1 (pretrained files not needed)")
+
+    g = p.add_argument_group("model and pretrained encoders")
+    g.add_argument("--freq_encoder", choices=("resnet50", "res2net50"), default=d.freq_encoder,
+                   help="frequency-image encoder (release: resnet50)")
+    g.add_argument("--drop_path_rate", type=float, default=d.drop_path_rate,
+                   help="stochastic depth of the PVT-v2 encoder (release: 0.1)")
+    g.add_argument("--pvt_path", default=d.pvt_path,
+                   help="ImageNet PVT-v2-b2 weights (original pvt_v2_b2.pth)")
+    g.add_argument("--resnet_path", default=d.resnet_path,
+                   help="torchvision ImageNet ResNet-50 weights (used with --freq_encoder resnet50)")
+    g.add_argument("--res2net_path", default=d.res2net_path,
+                   help="Res2Net-50 v1b 26w4s ImageNet weights (used with --freq_encoder res2net50)")
+    g.add_argument("--no_pretrained", action="store_true",
+                   help="start from random weights instead of stopping when a pretrained file is missing")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--on_bad", choices=("skip", "error"), default=d.on_bad,
+                   help="unusable pairs (missing mask, unreadable file, image/mask size mismatch): skip them "
+                        "with a warning naming each file and a count (release: silently dropped), or stop")
+    g.add_argument("--hflip", action="store_true",
+                   help="augment with random horizontal flips (p=0.5); the release has no augmentation")
+    g.add_argument("--fast_decode", action="store_true",
+                   help="decode JPEGs at reduced scale (still >= --trainsize) before resizing: several times "
+                        "faster on DIS5K photos, pixel values differ slightly from the release")
+    g.add_argument("--cache_dir", default=None,
+                   help="cache each resized pair here (about 4*trainsize^2 bytes) so later epochs skip decoding")
+    g.add_argument("--num_workers", type=int, default=d.num_workers,
+                   help="DataLoader worker processes per process (release: 4)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of weights init, shuffling (a function of seed and epoch), workers and drop path "
+                        "(the release sets none)")
+
+    g = p.add_argument_group("devices and speed")
+    g.add_argument("--device", default=d.device,
+                   help="auto (every visible GPU via DataParallel, else CPU), cpu, cuda or cuda:N; under "
+                        "torchrun each process takes cuda:LOCAL_RANK")
+    g.add_argument("--backend", default=d.backend, choices=("auto", "nccl", "gloo"),
+                   help="DDP backend under torchrun (auto: nccl on GPUs, gloo on CPU)")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=d.amp,
+                   help="mixed precision (fp16 uses a GradScaler, saved in checkpoints); release: none")
+    g.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (three shapes: one per rate)")
+
+    g = p.add_argument_group("checkpoints, validation, stopping")
+    g.add_argument("--save_root", default=d.save_root, help="folder holding the run folders (release: checkpoints)")
+    g.add_argument("--save_every", type=int, default=d.save_every,
+                   help="also write FSANet-{e+1}.pth after epoch e when (e+1) %% N == 0, the release's names "
+                        "(FSANet-100.pth holds 99 epochs); 0: off. last.pth is written after every epoch")
+    g.add_argument("--save_iters", type=int, default=d.save_iters,
+                   help="also write last.pth every N batches inside an epoch (resumes mid-epoch); 0: off")
+    g.add_argument("--val_path", default=None,
+                   help="validation split (e.g. data/DIS5K/DIS-VD): maxF and MAE at GT size, best.pth by maxF")
+    g.add_argument("--val_every", type=int, default=d.val_every,
+                   help="validate after every N epochs and after the last (with --val_path)")
+    g.add_argument("--val_size", type=int, default=d.val_size,
+                   help="square input size for validation, as test.py's --testsize (release test: 992)")
+    g.add_argument("--stop_after_epoch", type=int, default=None,
+                   help="end this invocation after epoch N with last.pth saved (e.g. for job time limits); "
+                        "resume with --pre_model <run>/last.pth")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from parsed flags."""
+    values = vars(args).copy()
+    values["rates"] = tuple(values["rates"])
+    return TrainConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags and train; exit 1 with one clear line on a data, checkpoint or training error."""
+    cfg = config_from_args(build_parser().parse_args(argv))
+    try:
+        ctx = init_distributed(cfg.device, cfg.backend)
+        configure_logging(ctx)
+        with logging_redirect_tqdm():
+            Trainer(cfg, ctx).fit()
+    except (TrainingError, DataError, CheckpointError, ImageReadError, DeviceError) as e:
+        log.error("%s", e)
+        return EXIT_ERROR
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Process-group plumbing: single process (CPU, one GPU, DataParallel) or DDP under torchrun."""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class DeviceError(Exception):
+    """A requested device that this machine does not have; the message says which flag to change."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: its rank among world_size processes and the device it trains on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        """True when running as one process of a DDP group."""
+        return self.world_size > 1 or dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that logs and saves (rank 0)."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (torch.distributed.run) started this process."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def resolve_device(requested: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
+    """Turn --device (auto, cpu, cuda, cuda:N) into a torch.device; DDP ranks take cuda:LOCAL_RANK."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise DeviceError(f"--device {requested}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {requested}: no CUDA GPU is visible; use --device cpu")
+        if distributed:
+            device = torch.device("cuda", local_rank)
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(requested_device: str, backend: str = "auto", timeout_min: float = 30.0) -> DistContext:
+    """Join the torchrun process group if launched by torchrun, else describe the single process."""
+    if not launched_by_torchrun():
+        return DistContext(rank=0, world_size=1, local_rank=0, device=resolve_device(requested_device))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = resolve_device(requested_device, local_rank, distributed=True)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=timeout_min),
+            **({"device_id": device} if device.type == "cuda" else {}),
+        )
+    log.debug("rank %d/%d on %s (%s)", rank, world, device, backend)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if ctx.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum a tensor over all ranks in place and return it (identity in a single process)."""
+    if ctx.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Gather one picklable object from every rank, in rank order."""
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
+    """Send a picklable object from rank `src` to all ranks and return it."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, data_parallel: bool = True) -> nn.Module:
+    """DDP under torchrun; else DataParallel over every visible GPU (as the release) when allowed; else bare."""
+    if ctx.distributed:
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        # PVT's depthwise convs have weights with a size-1 dim whose stride differs from the grad's;
+        # DDP warns about it on every backward although the layouts are equivalent.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        # frequency.radius (and the release's unused head convs) never get a gradient; DDP must not wait for them.
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    if data_parallel and ctx.device.type == "cuda" and torch.cuda.device_count() > 1:
+        log.info("DataParallel over %d GPUs", torch.cuda.device_count())
+        return nn.DataParallel(model)
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside a DataParallel/DDP (or torch.compile) wrapper."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

@@ -39,7 +39,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n_test", type=int, default=6, help="images in DIS-VD and in each of DIS-TE1..4")
     p.add_argument("--trainsize", type=int, default=128, help="training size (the release trains at 736)")
     p.add_argument("--testsize", type=int, default=128, help="test size (the release tests at 992)")
-    p.add_argument("--epoch", type=int, default=6, help="training epochs (the last runs at lr 0, as released)")
+    p.add_argument("--epoch", type=int, default=10, help="training epochs (the last runs at lr 0, as released)")
     p.add_argument("--batchsize", type=int, default=4, help="images per batch")
     p.add_argument("--lr", type=float, default=1e-3, help="AdaXW learning rate (higher than the release's 2e-4: no pretraining)")
     p.add_argument("--rates", type=float, nargs="+", default=[1.0], help="multi-scale rates (release: 0.75 1 1.25)")

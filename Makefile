@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m utils.demo
+	$(PY) demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

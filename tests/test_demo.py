@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_reduced_demo_runs_end_to_end(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
-    cmd = [sys.executable, "-m", "utils.demo", "--data", str(data), "--out", str(out), "--size", "64",
+    cmd = [sys.executable, "demo.py", "--data", str(data), "--out", str(out), "--size", "64",
            "--n_train", "4", "--n_test", "2", "--epoch", "2", "--trainsize", "64", "--testsize", "64",
            "--batchsize", "2", "--device", "cpu"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)

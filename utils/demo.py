@@ -121,10 +121,8 @@ def _shown(path: Path) -> str:
     return os.path.relpath(path, ROOT) if path.is_relative_to(ROOT) else str(path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo end to end and print where everything went."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
+def run_demo(args: argparse.Namespace) -> str:
+    """Run the demo end to end; returns the report to print (table, picture, TensorBoard log)."""
     start = time.perf_counter()
     data, out = ROOT / args.data, ROOT / args.out
     log.info("generating the synthetic DIS-like dataset in %s", data)
@@ -137,13 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--seed", str(args.seed), "--device", args.device, "--num_workers", "0", "--hflip")
     after = predict_and_evaluate(out / "last.pth", data, out / "maps_trained", args)
     picture = save_picture(data, out / "maps_untrained", out / "maps_trained", out / "predictions.png")
-    print("\nFSANet on the synthetic DIS-like test sets, untrained → trained:\n")
-    print(comparison_table(before, after))
-    print(f"\npicture: {_shown(picture)}  (image | ground truth | untrained | trained)")
-    print(f"TensorBoard: .venv/bin/tensorboard --logdir {_shown(out)}")
-    print(f"demo took {time.perf_counter() - start:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return "\n".join([
+        "\nFSANet on the synthetic DIS-like test sets, untrained → trained:\n",
+        comparison_table(before, after),
+        f"\npicture: {_shown(picture)}  (image | ground truth | untrained | trained)",
+        f"TensorBoard: .venv/bin/tensorboard --logdir {_shown(out)}",
+        f"demo took {time.perf_counter() - start:.0f} s",
+    ])

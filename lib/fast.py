@@ -63,6 +63,7 @@ def optimize_for_inference(model: nn.Module, fold_bn: bool = True, channels_last
         fold_batchnorm(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+        model.memory_format = torch.channels_last
     return model
 
 

@@ -38,6 +38,9 @@ class FSANet(nn.Module):
         # One SFF serves all three decoder steps, as released.
         self.sff = SFF(64)
         self.head = Head(64)
+        # Layout of the features that several convolutions read; optimize_for_inference sets
+        # channels_last so each is converted once instead of once per reading convolution.
+        self.memory_format = torch.contiguous_format
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Frequency image, both encoders and MF: the four fused features and the frequency image."""
@@ -45,12 +48,12 @@ class FSANet(nn.Module):
         rgb_features = self.rgb_encoder(x)
         freq_features = self.freq_encoder(freq.to(x.dtype))
         fused = [mf(r, f) for mf, r, f in zip(self.mf, rgb_features, freq_features)]
-        return fused, freq
+        return [f.contiguous(memory_format=self.memory_format) for f in fused], freq
 
     def decode(self, fused: list[torch.Tensor]) -> list[torch.Tensor]:
         """CSFM, HCF and SFF: decoder outputs o1 (1/4), o2 (1/8), o3 (1/16) and x43' (1/32)."""
         x1, x2, x3, x4 = fused
-        x21, x32, x43 = self.csfm(x1, x2, x3, x4)
+        x21, x32, x43 = (f.contiguous(memory_format=self.memory_format) for f in self.csfm(x1, x2, x3, x4))
         x1, x21, x32, x43 = (hcf(f) for hcf, f in zip(self.hcf, (x1, x21, x32, x43)))
         o3 = self.sff(x32, x43)
         o2 = self.sff(x21, o3)

@@ -56,14 +56,21 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Store weights channels_last and have FSANet keep its shared features in that layout."""
+    model.to(memory_format=torch.channels_last)
+    if hasattr(model, "memory_format"):
+        model.memory_format = torch.channels_last
+    return model
+
+
 def optimize_for_inference(model: nn.Module, fold_bn: bool = True, channels_last: bool = True) -> nn.Module:
     """Eval mode, BatchNorm folded, channels_last weights (fewer layout copies around convs); same outputs."""
     model.eval()
     if fold_bn:
         fold_batchnorm(model)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
-        model.memory_format = torch.channels_last
+        to_channels_last(model)
     return model
 
 

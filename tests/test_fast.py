@@ -25,6 +25,7 @@ def _release_model(official_weights) -> FSANet:
 def test_optimized_model_matches_reference(official_weights, reference, channels_last):
     model = optimize_for_inference(_release_model(official_weights), channels_last=channels_last)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules() if m is not model.sff.bn_out)
+    assert model.memory_format == (torch.channels_last if channels_last else torch.contiguous_format)
     x = torch.from_numpy(reference["input"])
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from lib import FSANet, load_checkpoint, load_pretrained_encoders
 from lib.checkpoint import CheckpointError, check_compatible, strip_wrapper_prefixes
+from lib.fast import to_channels_last
 from utils.atomic import atomic_torch_save
 from utils.data import EvalDataset, TrainDataset, eval_collate
 from utils.distributed import (
@@ -338,7 +339,7 @@ class Trainer:
             log.warning("--no_pretrained: training from random weights (the release starts from ImageNet)")
         model.to(self.device)
         if self.cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
+            to_channels_last(model)
         return model
 
     def _wrap(self, model: nn.Module) -> nn.Module:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-from utils.benchmarking import data_rows, eval_rows, inference_rows, markdown_table, train_rows
-from utils.inference import select_device
+from utils.benchmarking import Row, data_rows, eval_rows, inference_rows, markdown_table, train_rows
+from utils.data import DataError
+from utils.inference import InferenceError, select_device
+from utils.trainer import TrainingError
 
 PARTS = ("inference", "train", "data", "eval")
 
@@ -42,12 +44,10 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def main() -> int:
-    """Run the chosen parts and print the table."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    args = parse_args()
+def measure(args: argparse.Namespace) -> list[Row]:
+    """The rows of every part asked for."""
     device = select_device(args.device)
-    rows = []
+    rows: list[Row] = []
     if "inference" in args.only:
         rows += inference_rows(args.size, args.batch, args.runs, device, args.compile)
     if "train" in args.only:
@@ -56,6 +56,18 @@ def main() -> int:
         rows += data_rows(args.data_images, args.trainsize)
     if "eval" in args.only:
         rows += eval_rows(args.eval_images, args.eval_workers)
+    return rows
+
+
+def main() -> int:
+    """Run the chosen parts and print the table; a setup problem is one error line."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    args = parse_args()
+    try:
+        rows = measure(args)
+    except (InferenceError, TrainingError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     table = markdown_table(rows)
     print(f"torch {torch.__version__}\n\n{table}")
     if args.report:

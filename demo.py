@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 
 from utils.demo import parse_args, run_demo
@@ -10,7 +11,12 @@ from utils.demo import parse_args, run_demo
 def main() -> int:
     """Parse the demo's options, run it and print the comparison table."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(run_demo(parse_args()))
+    try:
+        print(run_demo(parse_args()))
+    except subprocess.CalledProcessError as err:
+        print(f"error: the demo stopped: `{' '.join(map(str, err.cmd[1:]))}` exited with status {err.returncode} "
+              "(its messages are above)", file=sys.stderr)
+        return 1
     return 0
 
 

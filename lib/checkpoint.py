@@ -9,7 +9,7 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 # (release pattern, our replacement), applied in order to every key of the release's layout.
-RELEASE_KEY_RULES: list[tuple[str, str]] = [
+RELEASE_KEY_RULES: list[tuple[str, str | Callable[[re.Match], str]]] = [
     (r"^resnet_f\.", "freq_encoder."),
     (r"^se(\d)\.", lambda m: f"mf.{int(m.group(1)) - 1}.se."),
     (r"^conv_(\d)\.", lambda m: f"mf.{int(m.group(1)) - 1}.conv."),
@@ -35,8 +35,9 @@ class CheckpointError(Exception):
     """A checkpoint or weights file that cannot be used; the message names the file and the fix."""
 
 
-def _torch_load(path: Path) -> object:
+def torch_load_weights(path: str | os.PathLike) -> object:
     """torch.load with weights_only=True, turning every failure into a CheckpointError."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -65,8 +66,11 @@ def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file (release layout, our layout or a bare state dict), unprefixed."""
-    path = Path(path)
-    obj = _torch_load(path)
+    return extract_state_dict(torch_load_weights(path), path)
+
+
+def extract_state_dict(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model tensors of a loaded checkpoint (`model` / `state_dict` entry or bare), unprefixed."""
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), Mapping):
@@ -116,13 +120,17 @@ def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], source
     raise CheckpointError(f"{source} does not match this FSANet architecture; " + "; ".join(parts))
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load weights into `model` strictly from any supported checkpoint layout; returns the model."""
-    state = read_state_dict(path)
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """Load an unprefixed state dict of either layout into `model` strictly; errors name `source`."""
     if is_release_layout(state):
         state = convert_release_state_dict(state)
     target = model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
-    check_compatible(target, state, str(path))
+    check_compatible(target, state, source)
     target.load_state_dict(state, strict=True)
-    log.info("loaded weights from %s", path)
+    log.info("loaded weights from %s", source)
     return model
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load weights into `model` strictly from any supported checkpoint layout; returns the model."""
+    return load_weights(model, read_state_dict(path), str(path))

@@ -38,10 +38,11 @@ class FrequencyFilter(nn.Module):
         """The mask for this size and device, built once per (H, W, radius, device)."""
         if not self.cache_mask:
             return highpass_mask(height, width, float(self.radius.detach().cpu()), device)
-        # The version counter and storage change whenever the radius may have changed (load,
-        # optimiser step, .to(), DataParallel replicas); only then is its value read back.
+        # The version counter moves on every in-place write of the radius; only then is its value
+        # read back (a device sync). DataParallel replicas get fresh copies at version 0 each call,
+        # so they keep their masks; load_state_dict clears the cache (_load_from_state_dict).
         key = (height, width, str(device))
-        stamp = (self._radius_version(), self.radius.data_ptr())
+        stamp = self._radius_version()
         cached = self._masks.get(key)
         if cached is None or cached[0] != stamp:
             radius = float(self.radius.detach().cpu())
@@ -51,6 +52,11 @@ class FrequencyFilter(nn.Module):
                 cached = (stamp, radius, cached[2])
             self._masks[key] = cached
         return cached[2]
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        """Load as usual, then forget masks built for the old radius (replicas share this cache)."""
+        super()._load_from_state_dict(*args, **kwargs)
+        self._masks.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B x C x H x W image -> B x 1 x H x W high-pass magnitude (computed in float32)."""

@@ -141,7 +141,7 @@ def test_train_dataset_exact_path_matches_release_transforms(tmp_path: Path) -> 
 
 def test_fast_decode_close_to_exact_on_large_jpeg(tmp_path: Path) -> None:
     _pair(tmp_path, "big", (400, 300))
-    fast_image, fast_gt = TrainDataset(tmp_path, trainsize=64)[0]
+    fast_image, fast_gt = TrainDataset(tmp_path, trainsize=64, fast_decode=True)[0]
     exact_image, exact_gt = TrainDataset(tmp_path, trainsize=64, fast_decode=False)[0]
     assert fast_image.shape == exact_image.shape and fast_gt.shape == exact_gt.shape
     assert (fast_image - exact_image).abs().mean() < 0.1

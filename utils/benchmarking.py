@@ -56,21 +56,25 @@ class PeakMemory:
     """Peak memory during a block: CUDA's allocator peak, or the process RSS sampled every 2 ms on CPU."""
 
     def __init__(self, device: torch.device) -> None:
+        """Measure on `device` (CUDA allocator) or the CPU process."""
         self.device = device
         self.peak = 0
         self._stop = threading.Event()
 
     @staticmethod
     def _rss() -> int:
+        """Resident set size of this process in bytes."""
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def _sample(self) -> None:
+        """Keep the largest RSS seen until stopped."""
         while not self._stop.is_set():
             self.peak = max(self.peak, self._rss())
             time.sleep(0.002)
 
     def __enter__(self) -> "PeakMemory":
+        """Start measuring."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -80,6 +84,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Stop measuring; `peak` holds the result."""
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device)
         else:
@@ -93,6 +98,7 @@ class PeakMemory:
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for queued CUDA work so timings include it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -167,9 +173,9 @@ def inference_rows(size: int, batch: int, runs: int, device: torch.device, compi
         rows.append(Row(f"forward {size}x{size}, batch {batch}, fast paths", f"{t_b:.3f} s", name, "fp32",
                         f"{batch / t_b:.2f} images/s; peak {m_b:.2f} GiB", {"seconds": t_b}))
     if compile_model:
-        compiled = torch.compile(fast)
+        compiled = torch.compile(fast.predict)
         with torch.inference_mode():
-            t_c, p_c, _ = time_call(lambda: compiled.predict(x), device, runs, warmup=2)
+            t_c, p_c, _ = time_call(lambda: compiled(x), device, runs, warmup=2)
         rows.append(Row(f"forward {size}x{size}, batch 1, torch.compile", f"{t_c:.3f} s", name, "fp32",
                         f"{t_c / t_rel:.2f}x the release; max logit diff {(p_c - p_rel).abs().max().item():.1e}"))
     return rows
@@ -207,7 +213,10 @@ def train_rows(trainsize: int, batch: int, runs: int, device: str, amp: str = "n
         images, gts = next(iter(trainer.loader))
         dev = trainer.device
         # No separate warm-up: at the release's size one batch is minutes on a CPU.
-        seconds, _, memory = time_call(lambda: trainer.train_batch(images, gts, epoch=1), dev, runs, warmup=0)
+        try:
+            seconds, _, memory = time_call(lambda: trainer.train_batch(images, gts, epoch=1), dev, runs, warmup=0)
+        finally:
+            trainer.close_writer()
     dtype = "fp32" if amp == "none" else amp
     return [Row(f"training batch at {trainsize} (rates 0.75/1/1.25, 3 optimiser steps), batch {batch}",
                 f"{seconds:.2f} s", device_name(dev), dtype, f"{batch / seconds:.2f} images/s; peak {memory:.2f} GiB",

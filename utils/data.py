@@ -160,11 +160,11 @@ def _stat_key(path: Path) -> str:
 class TrainDataset(Dataset):
     """The release's training samples: (image 3xSxS normalised, mask 1xSxS in [0, 1]), both float32.
 
-    `fast_decode=True` (default) passes `min_side=trainsize` to the readers: JPEGs decode at a reduced
-    DCT scale and other files (PNG masks) are box-reduced, keeping both sides >= trainsize, before the
-    same bilinear resize. On ~2500x3400 JPEG/PNG pairs at trainsize 736 that is 1.5-2x faster per sample
-    (`benchmark_loading`; the PNG mask's full decode is the floor) but changes pixel values slightly. `fast_decode=False` is the release's exact
-    path (full decode, then resize).
+    `fast_decode=True` (off by default: the release decodes in full) passes `min_side=trainsize` to
+    the readers: JPEGs decode at a reduced DCT scale and other files (PNG masks) are box-reduced,
+    keeping both sides >= trainsize, before the same bilinear resize. On ~2500x3400 JPEG/PNG pairs
+    at trainsize 736 that is about 1.5x faster per sample (`benchmark_loading`; the PNG mask's full
+    decode is the floor) but changes pixel values slightly.
     `hflip=True` flips image and mask together with probability 0.5 (the release has no augmentation).
     `cache_dir` stores each resized pair as an uncompressed .npy (about 4*S*S bytes) keyed by source
     path, mtime, byte size, trainsize and decode mode, so later epochs skip decoding; changed sources
@@ -172,7 +172,7 @@ class TrainDataset(Dataset):
     """
 
     def __init__(self, source: str | os.PathLike | Sequence[Sample], trainsize: int = 736, *,
-                 hflip: bool = False, fast_decode: bool = True, cache_dir: str | os.PathLike | None = None,
+                 hflip: bool = False, fast_decode: bool = False, cache_dir: str | os.PathLike | None = None,
                  on_bad: str = "skip") -> None:
         """Pair `source` (a split folder, or a list of Samples) and set the preprocessing options."""
         self.samples = _as_samples(source, on_bad)
@@ -315,8 +315,8 @@ def benchmark_loading(n: int, size: tuple[int, int] = (2500, 3400), trainsize: i
             _write_benchmark_pair(root, i, size, rng)
         samples = pair_samples(root, on_bad="error")
         # The cached dataset fills its cache in the first repeat; the fastest repeat is a cache hit.
-        datasets = [TrainDataset(samples, trainsize, fast_decode=False), TrainDataset(samples, trainsize),
-                    TrainDataset(samples, trainsize, cache_dir=root / "cache")]
+        datasets = [TrainDataset(samples, trainsize), TrainDataset(samples, trainsize, fast_decode=True),
+                    TrainDataset(samples, trainsize, fast_decode=True, cache_dir=root / "cache")]
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as in a DataLoader worker
         try:

@@ -119,6 +119,19 @@ def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
     return box[0]
 
 
+def data_parallel_replicas(ctx: DistContext, data_parallel: bool = True) -> int:
+    """How many GPUs DataParallel will split each batch over (1: no DataParallel)."""
+    if ctx.distributed or not data_parallel or ctx.device.type != "cuda":
+        return 1
+    return max(1, torch.cuda.device_count())
+
+
+def smallest_replica_batch(batch: int, replicas: int) -> int:
+    """Images the last replica gets when DataParallel splits `batch` (torch.chunk along dim 0)."""
+    chunk = -(-batch // replicas)
+    return batch - chunk * (-(-batch // chunk) - 1)
+
+
 def wrap_model(model: nn.Module, ctx: DistContext, data_parallel: bool = True) -> nn.Module:
     """DDP under torchrun; else DataParallel over every visible GPU (as the release) when allowed; else bare."""
     if ctx.distributed:
@@ -128,7 +141,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, data_parallel: bool = True) -
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         # frequency.radius (and the release's unused head convs) never get a gradient; DDP must not wait for them.
         return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
-    if data_parallel and ctx.device.type == "cuda" and torch.cuda.device_count() > 1:
+    if data_parallel_replicas(ctx, data_parallel) > 1:
         log.info("DataParallel over %d GPUs", torch.cuda.device_count())
         return nn.DataParallel(model)
     return model

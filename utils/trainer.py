@@ -30,8 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from lib import FSANet, load_checkpoint, load_pretrained_encoders
-from lib.checkpoint import CheckpointError, check_compatible, strip_wrapper_prefixes
+from lib import FSANet, load_pretrained_encoders
+from lib.checkpoint import extract_state_dict, load_weights, strip_wrapper_prefixes, torch_load_weights
 from lib.fast import to_channels_last
 from utils.atomic import atomic_torch_save
 from utils.data import EvalDataset, TrainDataset, eval_collate
@@ -41,7 +41,9 @@ from utils.distributed import (
     all_reduce_sum,
     barrier,
     broadcast_object,
+    data_parallel_replicas,
     init_distributed,
+    smallest_replica_batch,
     unwrap_model,
     wrap_model,
 )
@@ -232,30 +234,33 @@ def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
 class EpochSampler(Sampler[int]):
     """Indices of one epoch for this rank: DistributedSampler's (seed, epoch) shuffle, resumable mid-epoch.
 
-    A final batch of a single sample is dropped: BatchNorm cannot train on one sample (the release
-    crashes there; with DIS-TR's 3,000 images and batch 8 or 6 it never has one).
+    A final batch that would give some GPU a single sample is dropped: BatchNorm cannot train on
+    one sample (the release crashes there; with DIS-TR's 3,000 images and batch 8 or 6 it never has one).
     """
 
-    def __init__(self, dataset: Any, batch_size: int, ctx: DistContext, seed: int) -> None:
-        """Shard `dataset` over ctx's ranks in batches of `batch_size`, shuffled from `seed`."""
+    def __init__(self, dataset: Any, batch_size: int, ctx: DistContext, seed: int, replicas: int = 1) -> None:
+        """Shard `dataset` over ctx's ranks in batches of `batch_size` (split over `replicas` GPUs), shuffled from `seed`."""
         self.inner = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
                                         shuffle=True, seed=seed, drop_last=False)
         self.batch_size = batch_size
+        self.replicas = replicas
         self.indices: list[int] = []
+
+    def _usable(self, n: int) -> int:
+        """How many of n indices to keep: without a final batch too small for BatchNorm on every replica."""
+        rest = n % self.batch_size
+        return n - rest if rest and smallest_replica_batch(rest, self.replicas) < 2 else n
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Fix the order of `epoch` and skip the batches already trained in it."""
         self.inner.set_epoch(epoch)
         indices = list(self.inner)
-        if len(indices) % self.batch_size == 1 and len(indices) > 1:
-            indices = indices[:-1]
+        indices = indices[:self._usable(len(indices))]
         self.indices = indices[skip_batches * self.batch_size:]
 
     def batches_per_epoch(self) -> int:
         """Batches in a full epoch of this rank."""
-        n = self.inner.num_samples
-        n -= 1 if n % self.batch_size == 1 and n > 1 else 0
-        return -(-n // self.batch_size)
+        return -(-self._usable(self.inner.num_samples) // self.batch_size)
 
     def __iter__(self) -> Iterator[int]:
         """This rank's remaining indices of the current epoch."""
@@ -273,19 +278,6 @@ def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractConte
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load(weights_only=True) of a --pre_model file, failures as one clear CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"--pre_model {path}: file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many types for foreign or truncated files
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"--pre_model {path}: not a readable PyTorch checkpoint ({reason})") from None
-    return obj if isinstance(obj, dict) else {}
-
-
 class Trainer:
     """Owns one training run; `Trainer(cfg).fit()` is all train.py does."""
 
@@ -296,11 +288,17 @@ class Trainer:
         self.cfg = cfg
         self.ctx = ctx or init_distributed(cfg.device, cfg.backend)
         self.device = self.ctx.device
+        if cfg.amp == "fp16" and self.device.type == "cpu":
+            log.warning("--amp fp16 on the CPU is many times slower than fp32; use --amp bf16 there")
         self.save_dir = Path(cfg.save_root) / cfg.train_save
         self.state = RunState()
         self.dataset = TrainDataset(cfg.train_path, cfg.trainsize, hflip=cfg.hflip, fast_decode=cfg.fast_decode,
                                     cache_dir=cfg.cache_dir, on_bad=cfg.on_bad)
-        self.sampler = EpochSampler(self.dataset, cfg.batchsize, self.ctx, cfg.seed)
+        replicas = data_parallel_replicas(self.ctx, self.uses_data_parallel)
+        if smallest_replica_batch(cfg.batchsize, replicas) < 2:
+            raise TrainingError(f"--batchsize {cfg.batchsize} over {replicas} GPUs (DataParallel) gives one GPU a single "
+                                f"image; BatchNorm needs 2: use --batchsize {2 * replicas} or more, or --device cuda:0")
+        self.sampler = EpochSampler(self.dataset, cfg.batchsize, self.ctx, cfg.seed, replicas)
         if self.sampler.batches_per_epoch() == 0:
             raise TrainingError(f"{cfg.train_path}: {len(self.dataset)} usable image(s) give no batch of at least 2 "
                                 "per process (BatchNorm needs 2); add images or use fewer processes")
@@ -342,10 +340,14 @@ class Trainer:
             to_channels_last(model)
         return model
 
+    @property
+    def uses_data_parallel(self) -> bool:
+        """A named GPU (--device cuda:N) means that GPU alone; auto/cuda use every visible GPU, as the release."""
+        return self.cfg.device in ("auto", "cuda")
+
     def _wrap(self, model: nn.Module) -> nn.Module:
         """DDP / DataParallel / bare, then torch.compile when asked."""
-        # A named GPU (--device cuda:N) means that GPU alone; auto/cuda use every visible GPU, as the release.
-        net = wrap_model(model, self.ctx, data_parallel=self.cfg.device in ("auto", "cuda"))
+        net = wrap_model(model, self.ctx, data_parallel=self.uses_data_parallel)
         if self.cfg.compile:
             net = torch.compile(net)
         return net
@@ -365,15 +367,13 @@ class Trainer:
     def _load_pre_model(self) -> Optional[dict[str, Any]]:
         """Resume our own checkpoint fully, or load other weights only; returns the RNG state to restore."""
         path = Path(self.cfg.pre_model)
-        ckpt = read_checkpoint(path)
-        if ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
-            load_checkpoint(self.model, path)
+        ckpt = torch_load_weights(path)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
+            load_weights(self.model, extract_state_dict(ckpt, path), str(path))
             log.info("--pre_model %s: weights only (no training state of this trainer); the run starts at epoch 1",
                      path)
             return None
-        state = strip_wrapper_prefixes(ckpt["model"])
-        check_compatible(self.model, state, str(path))
-        self.model.load_state_dict(state, strict=True)
+        load_weights(self.model, strip_wrapper_prefixes(ckpt["model"]), str(path))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler.is_enabled() and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -410,7 +410,7 @@ class Trainer:
         cfg = self.cfg
         if self.state.epoch >= cfg.epoch:
             log.info("the schedule of %d epochs is already complete; nothing to train", cfg.epoch)
-            self._close_writer()
+            self.close_writer()
             return self.state
         n = len(self.dataset)
         log.info("training on %d images (%d per process per batch, %d process(es)) on %s for epochs %d..%d",
@@ -425,10 +425,10 @@ class Trainer:
                     break
             self.check_replicas()
         finally:
-            self._close_writer()
+            self.close_writer()
         return self.state
 
-    def _close_writer(self) -> None:
+    def close_writer(self) -> None:
         """Flush and close the TensorBoard writer (rank 0)."""
         if self.writer is not None:
             self.writer.close()

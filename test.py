@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> InferenceSummary:
         jobs = [folder_job(args.input, args.save_root)]
     else:
         jobs = dis5k_jobs(args.data_root, args.datasets, args.save_root)
-    model = load_model(args.pth_path, args.freq_encoder, options.device)
+    model = load_model(args.pth_path, args.freq_encoder, options.device, options.amp)
     with logging_redirect_tqdm():
         return predict_jobs(model, jobs, options)
 

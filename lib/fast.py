@@ -64,13 +64,32 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
-def optimize_for_inference(model: nn.Module, fold_bn: bool = True, channels_last: bool = True) -> nn.Module:
-    """Eval mode, BatchNorm folded, channels_last weights (fewer layout copies around convs); same outputs."""
+def cast_for_autocast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store conv and linear weights in `dtype` once, instead of autocast casting them on every call.
+
+    The model must then run under `torch.autocast(..., dtype=dtype)`; its outputs are identical to
+    autocast over float32 weights (the same rounding, done once). Norm layers stay float32.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.to(dtype)
+    return model
+
+
+def optimize_for_inference(model: nn.Module, fold_bn: bool = True, channels_last: bool = True,
+                           autocast_dtype: torch.dtype | None = None) -> nn.Module:
+    """Eval mode, BatchNorm folded, channels_last weights (fewer layout copies around convs); same outputs.
+
+    With `autocast_dtype` (bf16/fp16), conv and linear weights are also stored in that dtype for use
+    under torch.autocast (see cast_for_autocast).
+    """
     model.eval()
     if fold_bn:
         fold_batchnorm(model)
     if channels_last:
         to_channels_last(model)
+    if autocast_dtype is not None:
+        cast_for_autocast(model, autocast_dtype)
     return model
 
 

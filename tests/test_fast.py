@@ -48,3 +48,14 @@ def test_release_compute_matches_reference(official_weights, reference):
 def test_folding_needs_eval_mode():
     with pytest.raises(ValueError, match="eval"):
         fold_batchnorm(FSANet().train())
+
+
+def test_weights_cast_for_autocast_give_identical_maps(official_weights):
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    plain = optimize_for_inference(_release_model(official_weights))
+    cast = optimize_for_inference(_release_model(official_weights), autocast_dtype=torch.bfloat16)
+    assert cast.head.conv_up1.weight.dtype == torch.bfloat16
+    assert cast.rgb_encoder.body.stages[0].norm.weight.dtype == torch.float32
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = plain.predict(x), cast.predict(x)
+    assert torch.equal(got, expected)

@@ -149,13 +149,10 @@ def inference_rows(size: int, batch: int, runs: int, device: torch.device, compi
     with torch.inference_mode():
         t_rel, p_rel, m_rel = time_call(lambda: release(x)[0], device, runs)
         t_fast, p_fast, m_fast = time_call(lambda: fast.predict(x), device, runs)
-        bf16 = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        with bf16:
-            t_bf, p_bf, m_bf = time_call(lambda: fast.predict(x), device, runs)
+        t_bf, p_bf, m_bf = _time_autocast(state, x, torch.bfloat16, runs)
         fp16_ok = device.type == "cuda"
         if fp16_ok:
-            with torch.autocast(device_type="cuda", dtype=torch.float16):
-                t_h, p_h, m_h = time_call(lambda: fast.predict(x), device, runs)
+            t_h, p_h, m_h = _time_autocast(state, x, torch.float16, runs)
     ref_maps = _maps(p_rel.float())
     logit_diff = (p_fast.float() - p_rel.float()).abs().max().item()
     rows.append(Row(f"forward {size}x{size}, batch 1, release compute", f"{t_rel:.3f} s", name, "fp32",
@@ -179,6 +176,16 @@ def inference_rows(size: int, batch: int, runs: int, device: torch.device, compi
         rows.append(Row(f"forward {size}x{size}, batch 1, torch.compile", f"{t_c:.3f} s", name, "fp32",
                         f"{t_c / t_rel:.2f}x the release; max logit diff {(p_c - p_rel).abs().max().item():.1e}"))
     return rows
+
+
+def _time_autocast(state: dict, x: torch.Tensor, dtype: torch.dtype,
+                   runs: int) -> tuple[float, torch.Tensor, float]:
+    """Latency of the fast model prepared for autocast in `dtype` (weights cast once), as test.py --amp runs it."""
+    model = FSANet().to(x.device)
+    model.load_state_dict(state)
+    model = optimize_for_inference(model, autocast_dtype=dtype)
+    with torch.autocast(device_type=x.device.type, dtype=dtype):
+        return time_call(lambda: model.predict(x), x.device, runs)
 
 
 def _amp_row(size: int, dtype: str, seconds: float, release_seconds: float, memory: float, maps: np.ndarray,

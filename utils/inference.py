@@ -174,11 +174,12 @@ def dis5k_jobs(data_root: str | os.PathLike, datasets: Sequence[str], save_root:
     return [folder_job(split_image_dir(data_root / name), save_root / name, name=name) for name in datasets]
 
 
-def load_model(pth_path: str | os.PathLike, freq_encoder: str, device: torch.device) -> nn.Module:
-    """FSANet with the checkpoint's weights, on `device`, BatchNorm folded for inference."""
+def load_model(pth_path: str | os.PathLike, freq_encoder: str, device: torch.device,
+               amp: str | None = None) -> nn.Module:
+    """FSANet with the checkpoint's weights, on `device`, prepared for inference (for `amp` too)."""
     model = FSANet(freq_encoder=freq_encoder)
     load_checkpoint(model, pth_path)
-    return optimize_for_inference(model.to(device))
+    return optimize_for_inference(model.to(device), autocast_dtype=AMP_DTYPES[amp] if amp else None)
 
 
 class ImageListDataset(Dataset):

@@ -104,20 +104,25 @@ def convert_release_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, t
     return out
 
 
-def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise CheckpointError naming every missing, unexpected or wrongly shaped key."""
-    own = model.state_dict()
+def describe_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """'' when `state` fits `own` key for key and shape for shape, else the keys that do not."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
-    if not (missing or unexpected or wrong):
-        return
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in state if k in own and state[k].shape != own[k].shape]
     parts = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
         if keys:
             shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
             parts.append(f"{label}: {shown}")
-    raise CheckpointError(f"{source} does not match this FSANet architecture; " + "; ".join(parts))
+    return "; ".join(parts)
+
+
+def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming every missing, unexpected or wrongly shaped key."""
+    problems = describe_mismatch(model.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"{source} does not match this FSANet architecture; {problems}")
 
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> nn.Module:

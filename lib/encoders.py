@@ -14,7 +14,7 @@ from timm.models.pvt_v2 import checkpoint_filter_fn as pvt_checkpoint_filter_fn
 from torch import nn
 from torchvision.models import resnet50
 
-from .checkpoint import CheckpointError, read_state_dict
+from .checkpoint import CheckpointError, describe_mismatch, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +84,11 @@ def _pretrained_file(path: str | os.PathLike, what: str, url: str) -> dict[str, 
 
 def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], path: Path, skip: tuple[str, ...]) -> None:
     """Copy `state` into `module` except keys starting with `skip`; any other mismatch is an error."""
-    own = module.state_dict()
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith(skip)}
     wanted = {k: v for k, v in state.items() if not k.startswith(skip)}
-    missing = [k for k in own if k not in wanted and not k.startswith(skip)]
-    unexpected = [k for k in wanted if k not in own]
-    wrong = [f"{k} {tuple(wanted[k].shape)} != {tuple(own[k].shape)}" for k in wanted if k in own and wanted[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{path} does not fit {type(module).__name__}: missing {missing[:5]} ({len(missing)}), "
-            f"unexpected {unexpected[:5]} ({len(unexpected)}), wrong shape {wrong[:5]} ({len(wrong)})"
-        )
+    problems = describe_mismatch(own, wanted)
+    if problems:
+        raise CheckpointError(f"{path} does not fit {type(module).__name__}: {problems}")
     module.load_state_dict(wanted, strict=False)
 
 

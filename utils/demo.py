@@ -21,12 +21,13 @@ import torch
 
 from lib import FSANet
 from utils.atomic import atomic_torch_save
+from utils.evaluation import DEFAULT_DATASETS
+from utils.metrics import FIELD_METRICS
 from utils.synthetic import generate_dataset
 
 log = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ["DIS-VD", "DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4"]
-COLUMNS = ["maxF", "wF", "MAE", "Sm", "meanEm", "HCE"]
+DATASETS = list(DEFAULT_DATASETS)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -75,10 +76,10 @@ def predict_and_evaluate(weights: Path, data: Path, maps: Path, args: argparse.N
 
 def comparison_table(before: dict, after: dict) -> str:
     """Markdown table: each metric untrained -> trained, per dataset and for DIS-TE (1-4)."""
-    lines = ["| dataset | " + " | ".join(COLUMNS) + " |", "|:--|" + "--:|" * len(COLUMNS)]
+    lines = ["| dataset | " + " | ".join(FIELD_METRICS) + " |", "|:--|" + "--:|" * len(FIELD_METRICS)]
     for name in after:
         cells = []
-        for metric in COLUMNS:
+        for metric in FIELD_METRICS:
             digits = 0 if metric == "HCE" else 3
             cells.append(f"{before[name][metric]:.{digits}f} → {after[name][metric]:.{digits}f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -59,6 +59,8 @@ def resolve_device(requested: str, local_rank: int = 0, distributed: bool = Fals
             device = torch.device("cuda", local_rank)
         elif device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
     return device
 

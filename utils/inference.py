@@ -26,6 +26,7 @@ from tqdm import tqdm
 from lib import FSANet, load_checkpoint
 from lib.fast import optimize_for_inference
 from utils.data import SPLIT_LAYOUTS, image_transform
+from utils.distributed import DeviceError, resolve_device
 from utils.imageio import IMAGE_EXTENSIONS, ImageReadError, image_size, list_images, read_rgb, write_png
 
 log = logging.getLogger(__name__)
@@ -103,18 +104,11 @@ class Batch:
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else CPU; any other name is checked and returned as a device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """'auto' picks CUDA when present, else CPU; any other name is checked (utils.distributed.resolve_device)."""
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise InferenceError(f"--device {name}: not a device name ({e}); use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InferenceError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise InferenceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+        return resolve_device(name)
+    except DeviceError as e:
+        raise InferenceError(str(e)) from None
 
 
 def check_options(options: InferenceOptions) -> None:

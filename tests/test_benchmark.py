@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,3 +26,15 @@ def test_benchmark_reports_every_row(tmp_path):
     fast = next(r for r in rows if r["what"] == "forward 64x64, batch 1, fast paths")
     assert float(fast["note"].split("max logit diff ")[1].split(";")[0]) < 1e-3
     assert "| parameters | 109,194,130 |" in report.read_text()
+
+
+def test_loading_benchmark_compares_the_release_loader_with_ours():
+    from utils.benchmarking import benchmark_loading
+
+    result = benchmark_loading(2, size=(400, 300), trainsize=64, repeats=2)
+    assert result["n"] == 2
+    for key in ("release_samples_per_s", "default_samples_per_s", "fast_samples_per_s", "cached_samples_per_s"):
+        assert result[key] > 0
+    assert result["speedup"] == pytest.approx(result["fast_samples_per_s"] / result["release_samples_per_s"])
+    # --fast_decode is close to the release's tensors, not equal to them.
+    assert 0 < result["fast_max_diff_mask"] < 0.1 and 0 < result["fast_max_diff_image"] < 1.0

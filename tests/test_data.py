@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision import transforms
 
 from utils import data
-from utils.data import (DataError, EvalDataset, Sample, TrainDataset, benchmark_loading, eval_collate,
+from utils.data import (DataError, EvalDataset, Sample, TrainDataset, eval_collate,
                         find_split_dirs, pair_samples)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -214,10 +214,3 @@ def test_eval_dataset_full_size_gt_and_collate(tmp_path: Path) -> None:
     images, gts, stems = eval_collate([dataset[0], dataset[1]])
     assert images.shape == (2, 3, 32, 32) and [g.shape for g in gts] == [(30, 40), (20, 50)]
     assert stems == ["a", "b"]
-
-
-def test_benchmark_loading_reports_rates() -> None:
-    result = benchmark_loading(1, size=(160, 120), trainsize=32)
-    assert result["n"] == 1 and result["release_samples_per_s"] > 0 and result["fast_samples_per_s"] > 0
-    assert result["speedup"] == pytest.approx(result["fast_samples_per_s"] / result["release_samples_per_s"])
-    assert result["cached_samples_per_s"] > 0

@@ -11,18 +11,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
-import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
@@ -35,7 +33,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # (image folder, mask folder): DIS5K v1.0 first, then the release's train.py layout.
 SPLIT_LAYOUTS: tuple[tuple[str, str], ...] = (("im", "gt"), ("Imgs", "GT"))
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: channels-first 4xSxS entries
 _MAX_LISTED = 20
 
 
@@ -142,10 +140,44 @@ def _as_samples(source: str | os.PathLike | Sequence[Sample], on_bad: str) -> li
     return list(source)
 
 
-def image_transform(size: int) -> transforms.Compose:
-    """The release's image pipeline: Resize((size, size)) bilinear, ToTensor, ImageNet Normalize."""
-    return transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def _as_chw(array: np.ndarray) -> torch.Tensor:
+    """An HxW or HxWxC uint8 array as a CxHxW tensor view (read-only arrays are only ever read)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PIL's arrays are read-only; nothing writes to them
+        tensor = torch.from_numpy(array)
+    return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+
+
+def resize_uint8(image: Image.Image, size: int, exact: bool = True) -> torch.Tensor:
+    """`image` resized to size x size bilinear, as a CxSxS uint8 tensor.
+
+    exact=True is the release's resize (torchvision `Resize` on a PIL image: PIL's antialiased
+    bilinear). exact=False runs torch's antialiased uint8 bilinear kernel, which agrees with PIL to
+    within one gray level and is about 3x faster on large images; RGBA costs the same as RGB there.
+    """
+    if exact:
+        return _as_chw(np.asarray(image.resize((size, size), Image.BILINEAR)))
+    chw = _as_chw(np.asarray(image))[None]
+    return F.interpolate(chw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 CxHxW -> float32 in [0, 1], the same numbers as torchvision's ToTensor."""
+    return pixels.contiguous().float().div_(255)
+
+
+def normalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalise a float 3xHxW tensor in [0, 1] in place, the same numbers as torchvision's Normalize."""
+    return rgb.sub_(_MEAN).div_(_STD)
+
+
+def image_tensor(image: Image.Image, size: int, exact: bool = True) -> torch.Tensor:
+    """The model input of a PIL RGB image: resized square (see resize_uint8), ToTensor, ImageNet Normalize."""
+    return normalize_rgb(to_unit_float(resize_uint8(image, size, exact)))
 
 
 def _stat_key(path: Path) -> str:
@@ -162,9 +194,10 @@ class TrainDataset(Dataset):
 
     `fast_decode=True` (off by default: the release decodes in full) passes `min_side=trainsize` to
     the readers: JPEGs decode at a reduced DCT scale and other files (PNG masks) are box-reduced,
-    keeping both sides >= trainsize, before the same bilinear resize. On ~2500x3400 JPEG/PNG pairs
-    at trainsize 736 that is about 1.5x faster per sample (`benchmark_loading`; the PNG mask's full
-    decode is the floor) but changes pixel values slightly.
+    keeping both sides >= trainsize; image and mask are then resized together as one RGBA image by
+    torch's uint8 antialiased bilinear kernel. On ~2500x3400 JPEG/PNG pairs at trainsize 736 that
+    is about 2x the release's loader per sample (`python benchmark.py --only data`; the PNG mask's
+    full decode is the floor); pixel values differ slightly from the release's.
     `hflip=True` flips image and mask together with probability 0.5 (the release has no augmentation).
     `cache_dir` stores each resized pair as an uncompressed .npy (about 4*S*S bytes) keyed by source
     path, mtime, byte size, trainsize and decode mode, so later epochs skip decoding; changed sources
@@ -180,24 +213,24 @@ class TrainDataset(Dataset):
         self.hflip = hflip
         self.fast_decode = fast_decode
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.resize = transforms.Resize((self.trainsize, self.trainsize))
-        self.image_to_tensor = transforms.Compose([transforms.ToTensor(),
-                                                   transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        self.mask_to_tensor = transforms.ToTensor()
 
     def __len__(self) -> int:
         """Number of usable pairs."""
         return len(self.samples)
 
-    def _decode_resized(self, sample: Sample) -> np.ndarray:
-        """Decode and resize one pair into an SxSx4 uint8 array (RGB + mask)."""
-        min_side = self.trainsize if self.fast_decode else None
+    def _decode_resized(self, sample: Sample) -> torch.Tensor:
+        """Decode and resize one pair into a 4xSxS uint8 tensor (RGB + mask)."""
+        size = self.trainsize
         try:
-            image = read_rgb(sample.image, min_side=min_side)
-            mask = read_mask(sample.gt, min_side=min_side)
+            image = read_rgb(sample.image, min_side=size if self.fast_decode else None)
+            mask = read_mask(sample.gt, min_side=size if self.fast_decode else None)
         except ImageReadError as e:
             raise DataError(f"{e}; the file changed after the dataset was indexed") from None
-        return np.dstack([np.asarray(self.resize(image)), np.asarray(self.resize(mask))])
+        if self.fast_decode and image.size == mask.size:
+            image.putalpha(mask)  # one RGBA resize costs what the RGB one alone would
+            return resize_uint8(image, size, exact=False)
+        exact = not self.fast_decode
+        return torch.cat([resize_uint8(image, size, exact), resize_uint8(mask, size, exact)])
 
     def _cache_path(self, sample: Sample) -> Path:
         """Cache file of a pair: a hash of both sources' identity and the preprocessing options."""
@@ -205,29 +238,28 @@ class TrainDataset(Dataset):
                         str(self.fast_decode), str(_CACHE_VERSION)])
         return self.cache_dir / f"{sample.stem}-{hashlib.sha1(key.encode()).hexdigest()[:20]}.npy"
 
-    def _load_resized(self, sample: Sample) -> np.ndarray:
+    def _load_resized(self, sample: Sample) -> torch.Tensor:
         """The resized pair from the cache when present and valid, else decoded (and cached)."""
         if self.cache_dir is None:
             return self._decode_resized(sample)
         path = self._cache_path(sample)
-        expected = (self.trainsize, self.trainsize, 4)
+        expected = (4, self.trainsize, self.trainsize)
         if path.is_file():
             try:
                 cached = np.load(path, allow_pickle=False)
                 if cached.shape == expected and cached.dtype == np.uint8:
-                    return cached
+                    return torch.from_numpy(cached)
             except (OSError, ValueError) as e:
                 logger.warning("%s: unreadable cache entry, rebuilding it (%s)", path, e)
         pair = self._decode_resized(sample)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, pair, allow_pickle=False)
+            np.save(f, pair.contiguous().numpy(), allow_pickle=False)
         return pair
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(image 3xSxS, mask 1xSxS) of pair `index`, flipped together when hflip draws it."""
-        pair = self._load_resized(self.samples[index])
-        image = self.image_to_tensor(np.ascontiguousarray(pair[:, :, :3]))
-        mask = self.mask_to_tensor(np.ascontiguousarray(pair[:, :, 3]))
+        pair = to_unit_float(self._load_resized(self.samples[index]))
+        image, mask = normalize_rgb(pair[:3]), pair[3:]
         if self.hflip and torch.rand(()) < 0.5:
             image, mask = TF.hflip(image), TF.hflip(mask)
         return image, mask
@@ -237,8 +269,8 @@ class EvalDataset(Dataset):
     """Validation samples: (image 3xSxS normalised, full-size mask HxW uint8, stem).
 
     The image follows the release's test.py (full decode, Resize((testsize, testsize)), ToTensor,
-    Normalize); `fast_decode=True` decodes JPEGs at reduced scale as in TrainDataset. Masks are always
-    decoded in full. Batch with `eval_collate`, since masks differ in size.
+    Normalize); `fast_decode=True` decodes JPEGs at reduced scale and resizes as TrainDataset does.
+    Masks are always decoded in full. Batch with `eval_collate`, since masks differ in size.
     """
 
     def __init__(self, source: str | os.PathLike | Sequence[Sample], testsize: int = 992, *,
@@ -247,7 +279,6 @@ class EvalDataset(Dataset):
         self.samples = _as_samples(source, on_bad)
         self.testsize = int(testsize)
         self.fast_decode = fast_decode
-        self.transform = image_transform(self.testsize)
 
     def __len__(self) -> int:
         """Number of usable pairs."""
@@ -261,68 +292,10 @@ class EvalDataset(Dataset):
             mask = read_mask(sample.gt)
         except ImageReadError as e:
             raise DataError(f"{e}; the file changed after the dataset was indexed") from None
-        return self.transform(image), np.asarray(mask), sample.stem
+        return image_tensor(image, self.testsize, exact=not self.fast_decode), np.asarray(mask), sample.stem
 
 
 def eval_collate(batch: list[tuple[torch.Tensor, np.ndarray, str]]) -> tuple[torch.Tensor, list[np.ndarray], list[str]]:
     """Stack EvalDataset images; keep the differently sized masks and the stems as lists."""
     images, masks, stems = zip(*batch)
     return torch.stack(images), list(masks), list(stems)
-
-
-def _write_benchmark_pair(folder: Path, index: int, size: tuple[int, int], rng: np.random.Generator) -> None:
-    """One photo-like JPEG (smooth noise, grain, shapes; quality 90) and its PNG mask, DIS5K v1.0 layout."""
-    width, height = size
-    coarse = rng.integers(0, 256, (height // 32 + 1, width // 32 + 1, 3), dtype=np.uint8)
-    image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
-    image = np.clip(image.astype(np.int16) + rng.integers(-12, 13, image.shape, dtype=np.int16), 0, 255)
-    image = image.astype(np.uint8)
-    mask = np.zeros((height, width), np.uint8)
-    for _ in range(12):
-        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-        axes = (int(rng.integers(width // 40, width // 6)), int(rng.integers(height // 40, height // 6)))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        cv2.ellipse(image, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1, cv2.LINE_AA)
-        cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 255, -1, cv2.LINE_AA)
-    (folder / "im").mkdir(parents=True, exist_ok=True)
-    (folder / "gt").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(folder / "im" / f"bench_{index:03d}.jpg", quality=90)
-    Image.fromarray(mask).save(folder / "gt" / f"bench_{index:03d}.png")
-
-
-def _seconds_per_item(datasets: Sequence[Dataset], repeats: int) -> list[float]:
-    """Mean over items of each dataset's fastest of `repeats` timings, interleaved so load hits all alike."""
-    best = np.full((len(datasets), len(datasets[0])), np.inf)
-    for _ in range(repeats):
-        for index in range(len(datasets[0])):
-            for k, dataset in enumerate(datasets):
-                start = time.perf_counter()
-                dataset[index]
-                best[k, index] = min(best[k, index], time.perf_counter() - start)
-    return best.mean(axis=1).tolist()
-
-
-def benchmark_loading(n: int, size: tuple[int, int] = (2500, 3400), trainsize: int = 736,
-                      repeats: int = 3) -> dict[str, float]:
-    """One-worker TrainDataset throughput on `n` generated (width, height) JPEG/PNG pairs.
-
-    Compares the release's path (fast_decode=False), the default fast decoding, and cache_dir hits.
-    """
-    rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory(prefix="fsanet_bench_") as tmp:
-        root = Path(tmp)
-        for i in tqdm(range(n), desc="writing benchmark images", leave=False, disable=None):
-            _write_benchmark_pair(root, i, size, rng)
-        samples = pair_samples(root, on_bad="error")
-        # The cached dataset fills its cache in the first repeat; the fastest repeat is a cache hit.
-        datasets = [TrainDataset(samples, trainsize), TrainDataset(samples, trainsize, fast_decode=True),
-                    TrainDataset(samples, trainsize, fast_decode=True, cache_dir=root / "cache")]
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as in a DataLoader worker
-        try:
-            release_s, fast_s, cached_s = _seconds_per_item(datasets, max(2, repeats))
-        finally:
-            torch.set_num_threads(threads)
-    return {"n": n, "width": size[0], "height": size[1], "trainsize": trainsize,
-            "release_samples_per_s": 1.0 / release_s, "fast_samples_per_s": 1.0 / fast_s,
-            "speedup": release_s / fast_s, "cached_samples_per_s": 1.0 / cached_s}

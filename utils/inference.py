@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from lib import FSANet, load_checkpoint
 from lib.fast import optimize_for_inference
-from utils.data import SPLIT_LAYOUTS, image_transform
+from utils.data import SPLIT_LAYOUTS, image_tensor
 from utils.distributed import DeviceError, resolve_device
 from utils.imageio import IMAGE_EXTENSIONS, ImageReadError, image_size, list_images, read_rgb, write_png
 
@@ -184,7 +184,6 @@ class ImageListDataset(Dataset):
         self.paths = list(paths)
         self.testsize = testsize
         self.fast_decode = fast_decode
-        self.transform = image_transform(testsize)
 
     def __len__(self) -> int:
         """Number of images."""
@@ -199,7 +198,7 @@ class ImageListDataset(Dataset):
             width, height = image_size(path) if self.fast_decode else image.size
         except ImageReadError as e:
             return Sample(index, None, (0, 0), str(e))
-        return Sample(index, self.transform(image), (height, width))
+        return Sample(index, image_tensor(image, self.testsize, exact=not self.fast_decode), (height, width))
 
 
 def collate_samples(samples: list[Sample]) -> Batch:

@@ -2,7 +2,8 @@
 
 Each timing is the median of several runs after a warm-up, with CUDA synchronised; the release's
 way of computing (eager float32, explicit attention, the filter mask rebuilt per call, BatchNorm
-unfolded, all four heads) is timed in the same run as the fast path, so speed-ups are ratios.
+unfolded, all four heads) is timed in the same run as the fast paths, round by round in turn, and
+each speed-up is the median of the per-round ratios.
 """
 from __future__ import annotations
 
@@ -60,19 +61,42 @@ def device_name(device: torch.device) -> str:
 
 
 class PeakMemory:
-    """Peak memory during a block: CUDA's allocator peak, or the process RSS sampled every 2 ms on CPU."""
+    """Peak memory during a block: CUDA's allocator peak, or the process's peak RSS on CPU.
+
+    On Linux the kernel's own high-water mark (VmHWM) is reset on entry through /proc/self/clear_refs
+    and read on exit, so nothing runs beside the timed code. Elsewhere a thread samples the RSS every
+    2 ms, which slows a 2-core machine's kernels by 10-20%, so time and measure memory separately there.
+    """
 
     def __init__(self, device: torch.device) -> None:
         """Measure on `device` (CUDA allocator) or the CPU process."""
         self.device = device
         self.peak = 0
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @staticmethod
     def _rss() -> int:
         """Resident set size of this process in bytes."""
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    @staticmethod
+    def _reset_high_water_mark() -> bool:
+        """Reset the kernel's peak-RSS counter of this process; False where that is not possible."""
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    @staticmethod
+    def _high_water_mark() -> int:
+        """The kernel's peak RSS of this process since the last reset, in bytes."""
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
 
     def _sample(self) -> None:
         """Keep the largest RSS seen until stopped."""
@@ -84,7 +108,7 @@ class PeakMemory:
         """Start measuring."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
+        elif not self._reset_high_water_mark():
             self.peak = self._rss()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -94,6 +118,8 @@ class PeakMemory:
         """Stop measuring; `peak` holds the result."""
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is None:
+            self.peak = self._high_water_mark()
         else:
             self._stop.set()
             self._thread.join()
@@ -110,20 +136,54 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class Timing:
+    """Seconds of each timed call, the last call's result, and the largest peak memory of a call."""
+
+    seconds: list[float]
+    result: Any
+    peak_gib: float
+
+    @property
+    def median(self) -> float:
+        """Median seconds."""
+        return statistics.median(self.seconds)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, runs: int,
+                     warmup: int = 1) -> dict[str, Timing]:
+    """Time each of `fns` `runs` times after `warmup` calls, in turn round by round.
+
+    Interleaving makes slow drift of a shared machine's speed hit every variant alike, so ratios of
+    the variants are fair even when absolute times wander.
+    """
+    results: dict[str, Any] = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            results[name] = fn()
+    _sync(device)
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    peaks = dict.fromkeys(fns, 0.0)
+    for _ in range(runs):
+        for name, fn in fns.items():
+            with PeakMemory(device) as memory:
+                start = time.perf_counter()
+                results[name] = fn()
+                _sync(device)
+                seconds[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], memory.gib)
+    return {name: Timing(seconds[name], results.get(name), peaks[name]) for name in fns}
+
+
 def time_call(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int = 1) -> tuple[float, Any, float]:
     """(median seconds, last result, peak GiB) of `fn` over `runs` calls after `warmup` calls."""
-    result = None
-    for _ in range(warmup):
-        result = fn()
-    _sync(device)
-    seconds = []
-    with PeakMemory(device) as memory:
-        for _ in range(runs):
-            start = time.perf_counter()
-            result = fn()
-            _sync(device)
-            seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), result, memory.gib
+    timing = time_interleaved({"call": fn}, device, runs, warmup)["call"]
+    return timing.median, timing.result, timing.peak_gib
+
+
+def ratio(timings: dict[str, Timing], name: str, baseline: str) -> float:
+    """Median over rounds of `name`'s time divided by `baseline`'s time in the same round."""
+    return statistics.median(a / b for a, b in zip(timings[name].seconds, timings[baseline].seconds))
 
 
 def count_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -138,38 +198,53 @@ def _maps(p1: torch.Tensor) -> np.ndarray:
     return np.stack([logits_to_map(logits, tuple(p1.shape[-2:])) for logits in p1])
 
 
+def _prepared(state: dict, device: torch.device, autocast_dtype: torch.dtype | None = None) -> FSANet:
+    """The fast model with `state` loaded, prepared as test.py runs it (weights cast once under --amp)."""
+    model = FSANet().to(device)
+    model.load_state_dict(state)
+    return optimize_for_inference(model, autocast_dtype=autocast_dtype)
+
+
+def _under_autocast(model: FSANet, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """A call of `model.predict(x)` under torch.autocast in `dtype`."""
+    def call() -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            return model.predict(x)
+    return call
+
+
 def inference_rows(size: int, batch: int, runs: int, device: torch.device, compile_model: bool = False,
                    seed: int = 0) -> list[Row]:
-    """Release-compute vs fast fp32 vs bf16 (and optionally compiled) inference at `size` x `size`."""
+    """Release-compute vs fast fp32 vs bf16/fp16 (and optionally compiled) inference at `size` x `size`."""
     name = device_name(device)
     torch.manual_seed(seed)
     base = FSANet().eval().to(device)
     state = base.state_dict()
     release = use_release_compute(base)
-    fast = FSANet().to(device)
-    fast.load_state_dict(state)
-    fast = optimize_for_inference(fast)
+    fast = _prepared(state, device)
     x = torch.randn(1, 3, size, size, device=device)
     rows = [Row("parameters", f"{sum(p.numel() for p in base.parameters()):,}", name)]
     rows.append(Row(f"MACs at {size}x{size}", f"{count_macs(release, x):.1f} G", name, "fp32",
                     "convolutions and matrix products (attention included) of the full forward"))
+    variants = {"release": lambda: release(x)[0], "fast": lambda: fast.predict(x),
+                "bf16": _under_autocast(_prepared(state, device, torch.bfloat16), x, torch.bfloat16)}
+    if device.type == "cuda":  # fp16 on a CPU is far slower than fp32 (test.py refuses it there)
+        variants["fp16"] = _under_autocast(_prepared(state, device, torch.float16), x, torch.float16)
     with torch.inference_mode():
-        t_rel, p_rel, m_rel = time_call(lambda: release(x)[0], device, runs)
-        t_fast, p_fast, m_fast = time_call(lambda: fast.predict(x), device, runs)
-        t_bf, p_bf, m_bf = _time_autocast(state, x, torch.bfloat16, runs)
-        fp16_ok = device.type == "cuda"
-        if fp16_ok:
-            t_h, p_h, m_h = _time_autocast(state, x, torch.float16, runs)
-    ref_maps = _maps(p_rel.float())
-    logit_diff = (p_fast.float() - p_rel.float()).abs().max().item()
-    rows.append(Row(f"forward {size}x{size}, batch 1, release compute", f"{t_rel:.3f} s", name, "fp32",
-                    f"peak {m_rel:.2f} GiB", {"seconds": t_rel}))
-    rows.append(Row(f"forward {size}x{size}, batch 1, fast paths", f"{t_fast:.3f} s", name, "fp32",
-                    f"{t_fast / t_rel:.2f}x the release; max logit diff {logit_diff:.1e}; peak {m_fast:.2f} GiB",
-                    {"seconds": t_fast, "ratio": t_fast / t_rel}))
-    rows.append(_amp_row(size, "bf16", t_bf, t_rel, m_bf, _maps(p_bf.float()), ref_maps, name))
-    if fp16_ok:
-        rows.append(_amp_row(size, "fp16", t_h, t_rel, m_h, _maps(p_h.float()), ref_maps, name))
+        timings = time_interleaved(variants, device, runs)
+    rel, fst = timings["release"], timings["fast"]
+    ref_maps = _maps(rel.result.float())
+    logit_diff = (fst.result.float() - rel.result.float()).abs().max().item()
+    rows.append(Row(f"forward {size}x{size}, batch 1, release compute", f"{rel.median:.3f} s", name, "fp32",
+                    f"peak {rel.peak_gib:.2f} GiB", {"seconds": rel.median}))
+    fast_ratio = ratio(timings, "fast", "release")
+    rows.append(Row(f"forward {size}x{size}, batch 1, fast paths", f"{fst.median:.3f} s", name, "fp32",
+                    f"{fast_ratio:.2f}x the release; max logit diff {logit_diff:.1e}; peak {fst.peak_gib:.2f} GiB",
+                    {"seconds": fst.median, "ratio": fast_ratio}))
+    for dtype in ("bf16", "fp16"):
+        if dtype in timings:
+            rows.append(_amp_row(size, dtype, timings[dtype], ratio(timings, dtype, "release"),
+                                 _maps(timings[dtype].result.float()), ref_maps, name))
     if batch > 1:
         xb = torch.randn(batch, 3, size, size, device=device)
         with torch.inference_mode():
@@ -181,27 +256,19 @@ def inference_rows(size: int, batch: int, runs: int, device: torch.device, compi
         with torch.inference_mode():
             t_c, p_c, _ = time_call(lambda: compiled(x), device, runs, warmup=2)
         rows.append(Row(f"forward {size}x{size}, batch 1, torch.compile", f"{t_c:.3f} s", name, "fp32",
-                        f"{t_c / t_rel:.2f}x the release; max logit diff {(p_c - p_rel).abs().max().item():.1e}"))
+                        f"{t_c / rel.median:.2f}x the release's median; max logit diff "
+                        f"{(p_c - rel.result).abs().max().item():.1e}"))
     return rows
 
 
-def _time_autocast(state: dict, x: torch.Tensor, dtype: torch.dtype,
-                   runs: int) -> tuple[float, torch.Tensor, float]:
-    """Latency of the fast model prepared for autocast in `dtype` (weights cast once), as test.py --amp runs it."""
-    model = FSANet().to(x.device)
-    model.load_state_dict(state)
-    model = optimize_for_inference(model, autocast_dtype=dtype)
-    with torch.autocast(device_type=x.device.type, dtype=dtype):
-        return time_call(lambda: model.predict(x), x.device, runs)
-
-
-def _amp_row(size: int, dtype: str, seconds: float, release_seconds: float, memory: float, maps: np.ndarray,
+def _amp_row(size: int, dtype: str, timing: Timing, release_ratio: float, maps: np.ndarray,
              ref_maps: np.ndarray, name: str) -> Row:
     """A mixed-precision latency row with its maps' difference from the fp32 maps, in gray levels."""
     diff = np.abs(maps.astype(np.int16) - ref_maps.astype(np.int16))
-    return Row(f"forward {size}x{size}, batch 1, fast paths + autocast", f"{seconds:.3f} s", name, dtype,
-               f"{seconds / release_seconds:.2f}x the release fp32; 8-bit map diff from fp32 mean {diff.mean():.3f}, "
-               f"max {diff.max()}; peak {memory:.2f} GiB", {"seconds": seconds, "ratio": seconds / release_seconds})
+    return Row(f"forward {size}x{size}, batch 1, fast paths + autocast", f"{timing.median:.3f} s", name, dtype,
+               f"{release_ratio:.2f}x the release fp32; 8-bit map diff from fp32 mean {diff.mean():.3f}, "
+               f"max {diff.max()}; peak {timing.peak_gib:.2f} GiB",
+               {"seconds": timing.median, "ratio": release_ratio})
 
 
 def markdown_table(rows: list[Row]) -> str:

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from utils.dis5k import EVAL_SPLITS
 from utils.evaluation import (
-    DEFAULT_DATASETS,
     EvalConfig,
     EvalError,
     default_cache_dir,
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder with one sub-folder of <stem>.png prediction maps per dataset")
     p.add_argument("--gt_root", type=Path, default=Path("data/DIS5K"),
                    help="DIS5K root: <gt_root>/<dataset>/gt/<stem>.png (or GT/)")
-    p.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS),
+    p.add_argument("--datasets", nargs="+", default=list(EVAL_SPLITS),
                    help="datasets to evaluate; the 'DIS-TE (1-4)' row (mean of the four subsets) is added "
                         "when DIS-TE1..4 are all among them")
     p.add_argument("--workers", type=int_at_least(1), default=default_workers(),

@@ -12,7 +12,8 @@ import sys
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lib.checkpoint import CheckpointError
-from utils.inference import (AMP_DTYPES, DIS5K_SPLITS, InferenceError, InferenceOptions, InferenceSummary,
+from utils.dis5k import EVAL_SPLITS
+from utils.inference import (AMP_DTYPES, InferenceError, InferenceOptions, InferenceSummary,
                              check_options, dis5k_jobs, folder_job, load_model, predict_jobs, select_device)
 
 EXIT_FAILED_IMAGES = 1
@@ -28,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="square size the images are resized to for the model (multiple of 32; release: 992)")
     p.add_argument("--data_root", default="data/DIS5K",
                    help="DIS5K folder holding the --datasets splits, each with im/ (or Imgs/)")
-    p.add_argument("--datasets", nargs="+", default=list(DIS5K_SPLITS),
+    p.add_argument("--datasets", nargs="+", default=list(EVAL_SPLITS),
                    help="splits under --data_root to predict; maps go to <save_root>/<name>/<stem>.png")
     p.add_argument("--input", metavar="DIR",
                    help="predict every image in DIR instead of DIS5K (no masks needed); "

@@ -15,9 +15,8 @@ import pytest
 from py_sod_metrics import HumanCorrectionEffortMeasure
 from skimage import morphology
 
+from utils.dis5k import TE_MEAN_ROW, TE_SUBSETS
 from utils.evaluation import (
-    TE_MEAN_ROW,
-    TE_SUBSETS,
     DatasetResult,
     cached_skeleton,
     evaluate,

@@ -25,14 +25,13 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from utils.atomic import atomic_path
+from utils.dis5k import SPLIT_LAYOUTS
 from utils.imageio import ImageReadError, image_size, list_images, read_mask, read_rgb
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# (image folder, mask folder): DIS5K v1.0 first, then the release's train.py layout.
-SPLIT_LAYOUTS: tuple[tuple[str, str], ...] = (("im", "gt"), ("Imgs", "GT"))
 _CACHE_VERSION = 2  # 2: channels-first 4xSxS entries
 _MAX_LISTED = 20
 

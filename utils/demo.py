@@ -21,13 +21,13 @@ import torch
 
 from lib import FSANet
 from utils.atomic import atomic_torch_save
-from utils.evaluation import DEFAULT_DATASETS
+from utils.dis5k import EVAL_SPLITS
 from utils.metrics import FIELD_METRICS
 from utils.synthetic import generate_dataset
 
 log = logging.getLogger("demo")
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = list(DEFAULT_DATASETS)
+DATASETS = list(EVAL_SPLITS)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

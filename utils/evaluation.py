@@ -30,14 +30,12 @@ from skimage import morphology
 from tqdm import tqdm
 
 from utils.atomic import atomic_path
+from utils.dis5k import EVAL_SPLITS, TE_MEAN_ROW, TE_SUBSETS
 from utils.imageio import ImageReadError, list_images, read_mask, write_png
 from utils.metrics import ALL_METRICS, BINARY_THRESHOLD, FIELD_METRICS, DISMetrics, gt_skeleton, image_summary
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATASETS: tuple[str, ...] = ("DIS-VD", "DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4")
-TE_SUBSETS: tuple[str, ...] = ("DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4")
-TE_MEAN_ROW = "DIS-TE (1-4)"
 GT_FOLDERS: tuple[str, ...] = ("gt", "GT")
 LOWER_IS_BETTER = frozenset({"MAE", "HCE"})
 # Part of every cache key: a different skeletonisation (or skimage version) never reuses old entries.
@@ -86,7 +84,7 @@ class EvalConfig:
 
     pred_root: Path
     gt_root: Path
-    datasets: Sequence[str] = DEFAULT_DATASETS
+    datasets: Sequence[str] = EVAL_SPLITS
     workers: int = 1
     cache_dir: Path | None = None
     metrics: Sequence[str] = FIELD_METRICS
@@ -186,7 +184,7 @@ def evaluate_image(task: ImageTask) -> ImageResult:
     """Metrics of one pair (run in a worker); a prediction of another size is resized to the GT's (bilinear)."""
     try:
         gt_bytes = task.gt.read_bytes()
-        gt = np.asarray(read_mask(task.gt))
+        gt = np.asarray(read_mask(task.gt, data=gt_bytes))
         pred = np.asarray(read_mask(task.pred))
     except ImageReadError as e:
         return ImageResult(task.stem, error=str(e))
@@ -258,7 +256,7 @@ def evaluate_dataset(name: str, tasks: Sequence[ImageTask], mapper: Callable, pr
     return DatasetResult(name, metrics.get_results(), metrics.curves(), images)
 
 
-def evaluate(pred_root: Path, gt_root: Path, datasets: Sequence[str] = DEFAULT_DATASETS, workers: int = 1,
+def evaluate(pred_root: Path, gt_root: Path, datasets: Sequence[str] = EVAL_SPLITS, workers: int = 1,
              cache_dir: Path | None = None, progress: bool = True) -> dict[str, DatasetResult]:
     """Evaluate every dataset (all pairs are checked before any image is evaluated)."""
     datasets = list(dict.fromkeys(datasets))

@@ -13,6 +13,7 @@ in another thread of the same process.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import struct
 import threading
@@ -93,13 +94,13 @@ def _reduce_factor(size: tuple[int, int], min_side: int | None) -> int:
     return next((f for f in (8, 4, 2) if scale >= f), 1)
 
 
-def _decode(path: str | os.PathLike, mode: str, min_side: int | None) -> Image.Image:
-    """Open, fully decode and convert `path` to `mode`, raising ImageReadError on any failure."""
+def _decode(path: str | os.PathLike, mode: str, min_side: int | None, data: bytes | None = None) -> Image.Image:
+    """Open, fully decode and convert `path` (or its bytes `data`) to `mode`; any failure is an ImageReadError."""
     path = Path(path)
     if min_side is not None and min_side < 1:
         raise ValueError(f"min_side must be a positive int or None, not {min_side}")
     try:
-        with _bomb_guard_lifted(), Image.open(path) as im:
+        with _bomb_guard_lifted(), Image.open(path if data is None else io.BytesIO(data)) as im:
             if min_side is not None and im.format == "JPEG":
                 # Reduced-resolution DCT decoding: PIL picks the largest 1/2/4/8 scale that keeps
                 # both sides >= min_side, so a later resize to min_side never upsamples.
@@ -126,9 +127,12 @@ def read_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Imag
     return _decode(path, "RGB", min_side)
 
 
-def read_mask(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
-    """Read a mask as mode L (16-bit scaled to 8-bit); `min_side` as in read_rgb."""
-    return _decode(path, "L", min_side)
+def read_mask(path: str | os.PathLike, min_side: int | None = None, data: bytes | None = None) -> Image.Image:
+    """Read a mask as mode L (16-bit scaled to 8-bit); `min_side` as in read_rgb.
+
+    `data`: the file's bytes when the caller has read them already (`path` then only names it in errors).
+    """
+    return _decode(path, "L", min_side, data)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

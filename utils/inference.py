@@ -25,14 +25,14 @@ from tqdm import tqdm
 
 from lib import FSANet, load_checkpoint
 from lib.fast import optimize_for_inference
-from utils.data import SPLIT_LAYOUTS, image_tensor
+from utils.data import image_tensor
+from utils.dis5k import SPLIT_LAYOUTS
 from utils.distributed import DeviceError, resolve_device
 from utils.imageio import IMAGE_EXTENSIONS, ImageReadError, image_size, list_images, read_rgb, write_png
 
 log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-DIS5K_SPLITS = ("DIS-VD", "DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4")
 MIN_MAX_EPS = 1e-8  # the release's `(x - min) / (max - min + 1e-8)`
 
 
@@ -213,8 +213,8 @@ def collate_samples(samples: list[Sample]) -> Batch:
 
 
 def autocast(device: torch.device, amp: str | None) -> ContextManager:
-    """Mixed precision for the forward pass when `amp` names a dtype, else a no-op."""
-    if amp is None:
+    """Mixed precision when `amp` names a dtype (bf16, fp16), else (None or "none") a no-op."""
+    if amp is None or amp == "none":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 

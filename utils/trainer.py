@@ -12,7 +12,6 @@ draws other flips for the rest of that epoch (worker RNGs are seeded per epoch, 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -47,7 +46,7 @@ from utils.distributed import (
     unwrap_model,
     wrap_model,
 )
-from utils.inference import AMP_DTYPES, logits_to_map
+from utils.inference import AMP_DTYPES, autocast, logits_to_map
 from utils.losses import RELEASE_WEIGHTS, deep_supervision_loss
 from utils.optim import AdaXW, clip_gradient, poly_lr, set_lr
 
@@ -271,13 +270,6 @@ class EpochSampler(Sampler[int]):
         return len(self.indices)
 
 
-def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """torch.autocast for --amp bf16/fp16, else a no-op."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
-
-
 class Trainer:
     """Owns one training run; `Trainer(cfg).fit()` is all train.py does."""
 
@@ -476,7 +468,7 @@ class Trainer:
     def train_step(self, images: torch.Tensor, gts: torch.Tensor, epoch: int, size: int) -> torch.Tensor:
         """Forward, loss, finiteness check (all ranks), backward, clamp, AdaXW step; returns the loss terms."""
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast_context(self.device, self.cfg.amp):
+        with autocast(self.device, self.cfg.amp):
             preds = self.net(images)
         loss, terms = deep_supervision_loss(preds[: len(RELEASE_WEIGHTS)], gts, weighted_bce=self.cfg.weighted_bce)
         report = torch.stack([loss.detach(), *(t.detach() for t in terms)]).float()
@@ -555,7 +547,7 @@ class Trainer:
                             collate_fn=eval_collate)
         for images, masks, _ in tqdm(loader, desc="validation", leave=False, disable=None, file=sys.stderr):
             images = images.to(self.device)
-            with autocast_context(self.device, self.cfg.amp):
+            with autocast(self.device, self.cfg.amp):
                 logits = model.predict(images)
             for logit, mask in zip(logits, masks):
                 pred = logits_to_map(logit, mask.shape)

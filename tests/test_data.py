@@ -139,8 +139,9 @@ def test_train_dataset_exact_path_matches_release_transforms(tmp_path: Path) -> 
     assert got_image.min() < -1.0 < 1.0 < got_image.max()  # ImageNet-normalised, not [0, 1]
 
 
-def test_fast_decode_close_to_exact_on_large_jpeg(tmp_path: Path) -> None:
-    _pair(tmp_path, "big", (400, 300))
+@pytest.mark.parametrize("size", [(400, 300), (401, 299)])
+def test_fast_decode_close_to_exact_on_large_jpeg(tmp_path: Path, size: tuple[int, int]) -> None:
+    _pair(tmp_path, "big", size)
     fast_image, fast_gt = TrainDataset(tmp_path, trainsize=64, fast_decode=True)[0]
     exact_image, exact_gt = TrainDataset(tmp_path, trainsize=64, fast_decode=False)[0]
     assert fast_image.shape == exact_image.shape and fast_gt.shape == exact_gt.shape

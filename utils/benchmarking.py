@@ -398,8 +398,8 @@ def benchmark_loading(n: int, size: tuple[int, int] = (2500, 3400), trainsize: i
     """One-thread per-sample loading rates on `n` generated (width, height) JPEG/PNG pairs.
 
     The release's own loader against TrainDataset's default (release) path, --fast_decode, and
-    --cache_dir hits; `fast_max_diff` is the largest difference of --fast_decode's tensors from the
-    release's over the pairs (image after normalisation, mask in [0, 1]).
+    --cache_dir hits; `fast_max_diff_image` and `fast_max_diff_mask` are the largest differences of
+    --fast_decode's tensors from the release's over the pairs (image normalised, mask in [0, 1]).
     """
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="fsanet_bench_") as tmp:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from utils import data
@@ -215,3 +216,14 @@ def test_eval_dataset_full_size_gt_and_collate(tmp_path: Path) -> None:
     images, gts, stems = eval_collate([dataset[0], dataset[1]])
     assert images.shape == (2, 3, 32, 32) and [g.shape for g in gts] == [(30, 40), (20, 50)]
     assert stems == ["a", "b"]
+
+
+def test_fast_decode_in_forked_dataloader_workers(tmp_path: Path) -> None:
+    for i in range(4):
+        _pair(tmp_path, f"x{i}", (300, 200), seed=i)
+    dataset = TrainDataset(tmp_path, trainsize=64, fast_decode=True)
+    first = dataset[0]  # the parent runs the resize kernels before the workers fork
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, timeout=120)  # a hung worker raises
+    batches = list(loader)
+    assert [tuple(b[0].shape) for b in batches] == [(2, 3, 64, 64)] * 2
+    assert torch.equal(batches[0][0][0], first[0]) and torch.equal(batches[0][1][0], first[1])

@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default=None,
                    help="mixed-precision forward in bf16 or fp16 (faster; maps differ slightly from fp32)")
     p.add_argument("--fast_decode", action="store_true",
-                   help="decode JPEGs at reduced resolution (still >= --testsize) and resize with torch's uint8 kernel: "
-                        "much faster on large photos, but changes the maps' pixels slightly vs the release")
+                   help="decode JPEGs at reduced resolution (still >= --testsize) and resize with torch's uint8 "
+                        "kernel: much faster on large photos, but changes the maps' pixels slightly vs the release")
     p.add_argument("--skip_existing", action="store_true",
                    help="skip images whose map already exists (resume an interrupted run)")
     return p.parse_args(argv)

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="augment with random horizontal flips (p=0.5); the release has no augmentation")
     g.add_argument("--fast_decode", action="store_true",
                    help="decode JPEGs at reduced scale and box-reduce masks (both still >= --trainsize), then resize "
-                        "with torch's uint8 kernel: about 2.3x the release's loader per sample on DIS5K-sized "
+                        "with torch's uint8 kernel: 2.1-2.4x the release's loader per sample on DIS5K-sized "
                         "photos; pixel values differ slightly from the release's")
     g.add_argument("--cache_dir", default=None,
                    help="cache each resized pair here (about 4*trainsize^2 bytes) so later epochs skip decoding")

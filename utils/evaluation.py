@@ -30,13 +30,13 @@ from skimage import morphology
 from tqdm import tqdm
 
 from utils.atomic import atomic_path
-from utils.dis5k import EVAL_SPLITS, TE_MEAN_ROW, TE_SUBSETS
+from utils.dis5k import EVAL_SPLITS, SPLIT_LAYOUTS, TE_MEAN_ROW, TE_SUBSETS
 from utils.imageio import ImageReadError, list_images, read_mask, write_png
 from utils.metrics import ALL_METRICS, BINARY_THRESHOLD, FIELD_METRICS, DISMetrics, gt_skeleton, image_summary
 
 logger = logging.getLogger(__name__)
 
-GT_FOLDERS: tuple[str, ...] = ("gt", "GT")
+GT_FOLDERS: tuple[str, ...] = tuple(gt for _, gt in SPLIT_LAYOUTS)  # gt/, then the release's GT/
 LOWER_IS_BETTER = frozenset({"MAE", "HCE"})
 # Part of every cache key: a different skeletonisation (or skimage version) never reuses old entries.
 _SKELETON_TAG = f"skimage {skimage.__version__} skeletonize(gt > {BINARY_THRESHOLD}) v1".encode()

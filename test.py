@@ -12,6 +12,7 @@ import sys
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lib.checkpoint import CheckpointError
+from lib.encoders import FREQ_ENCODERS
 from utils.dis5k import EVAL_SPLITS
 from utils.inference import (AMP_DTYPES, InferenceError, InferenceOptions, InferenceSummary,
                              check_options, dis5k_jobs, folder_job, load_model, predict_jobs, select_device)
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="predict every image in DIR instead of DIS5K (no masks needed); "
                         "maps go to <save_root>/<stem>.png")
     p.add_argument("--save_root", default="results/FSANet", help="folder the maps are written to")
-    p.add_argument("--freq_encoder", choices=("resnet50", "res2net50"), default="resnet50",
+    p.add_argument("--freq_encoder", choices=tuple(FREQ_ENCODERS), default="resnet50",
                    help="frequency encoder the checkpoint was trained with (release: resnet50)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--batch_size", type=int, default=1, help="images per forward pass (release: 1)")

@@ -15,9 +15,11 @@ import sys
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lib.checkpoint import CheckpointError
+from lib.encoders import FREQ_ENCODERS
 from utils.data import DataError
 from utils.distributed import DeviceError, cleanup_distributed, init_distributed
 from utils.imageio import ImageReadError
+from utils.inference import AMP_DTYPES
 from utils.trainer import TrainConfig, Trainer, TrainingError, configure_logging
 
 log = logging.getLogger("train")
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights: initialise the weights only and start at epoch 1 (pretrained files not needed)")
 
     g = p.add_argument_group("model and pretrained encoders")
-    g.add_argument("--freq_encoder", choices=("resnet50", "res2net50"), default=d.freq_encoder,
+    g.add_argument("--freq_encoder", choices=tuple(FREQ_ENCODERS), default=d.freq_encoder,
                    help="frequency-image encoder (release: resnet50)")
     g.add_argument("--drop_path_rate", type=float, default=d.drop_path_rate,
                    help="stochastic depth of the PVT-v2 encoder (release: 0.1)")
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchrun each process takes cuda:LOCAL_RANK")
     g.add_argument("--backend", default=d.backend, choices=("auto", "nccl", "gloo"),
                    help="DDP backend under torchrun (auto: nccl on GPUs, gloo on CPU)")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default=d.amp,
+    g.add_argument("--amp", choices=("none", *AMP_DTYPES), default=d.amp,
                    help="mixed precision (fp16 uses a GradScaler, saved in checkpoints); release: none")
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (three shapes: one per rate)")

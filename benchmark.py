@@ -16,15 +16,17 @@ from pathlib import Path
 
 import torch
 
-from utils.benchmarking import Row, data_rows, eval_rows, inference_rows, markdown_table, train_rows
-from utils.data import DataError
-from utils.inference import InferenceError, select_device
-from utils.trainer import TrainingError
+from pipelines.benchmarks.eval_speed import eval_rows
+from pipelines.benchmarks.loading import data_rows
+from pipelines.benchmarks.model import inference_rows, train_rows
+from pipelines.benchmarks.timing import Row, rows_table
+from utils.device import AMP_CHOICES, resolve_device
+from utils.errors import EXIT_OK, run_cli
 
 PARTS = ("inference", "train", "data", "eval")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Benchmark options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to measure")
@@ -36,17 +38,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--trainsize", type=int, default=736, help="training size (the release's)")
     p.add_argument("--train_batch", type=int, default=2, help="training batch size")
     p.add_argument("--train_runs", type=int, default=1, help="timed training batches (median reported)")
-    p.add_argument("--train_amp", choices=["none", "bf16", "fp16"], default="none", help="training mixed precision")
+    p.add_argument("--train_amp", choices=AMP_CHOICES, default="none", help="training mixed precision")
     p.add_argument("--data_images", type=int, default=8, help="generated 2500x3400 JPEGs for the loading benchmark")
     p.add_argument("--eval_images", type=int, default=8, help="generated 2500x3400 maps for the eval benchmark")
     p.add_argument("--eval_workers", type=int, default=None, help="eval worker processes (default: all cores)")
-    p.add_argument("--report", type=Path, default=None, help="also write the table (Markdown) here, and .json beside it")
-    return p.parse_args()
+    p.add_argument("--report", type=Path, default=None,
+                   help="also write the table (Markdown) here, and .json beside it")
+    return p.parse_args(argv)
 
 
 def measure(args: argparse.Namespace) -> list[Row]:
     """The rows of every part asked for."""
-    device = select_device(args.device)
+    device = resolve_device(args.device)
     rows: list[Row] = []
     if "inference" in args.only:
         rows += inference_rows(args.size, args.batch, args.runs, device, args.compile)
@@ -59,22 +62,22 @@ def measure(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the chosen parts and print the table; a setup problem is one error line."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    args = parse_args()
-    try:
-        rows = measure(args)
-    except (InferenceError, TrainingError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    table = markdown_table(rows)
+    args = parse_args(argv)
+    return run_cli(lambda: report(args, measure(args)))
+
+
+def report(args: argparse.Namespace, rows: list[Row]) -> int:
+    """Print the table and write it (and its JSON) to --report."""
+    table = rows_table(rows)
     print(f"torch {torch.__version__}\n\n{table}")
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(table + "\n")
         args.report.with_suffix(".json").write_text(json.dumps([r.__dict__ for r in rows], indent=1, default=str))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,23 +1,25 @@
-"""`make demo`: FSANet end to end on a built-in synthetic DIS-like dataset (see utils/demo.py)."""
+"""`make demo`: FSANet end to end on a built-in synthetic DIS-like dataset (see pipelines/demo.py)."""
 from __future__ import annotations
 
+import argparse
 import logging
-import subprocess
 import sys
 
-from utils.demo import parse_args, run_demo
+from pipelines.demo import parse_args, run_demo
+from utils.errors import EXIT_OK, run_cli
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Parse the demo's options, run it and print the comparison table."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        print(run_demo(parse_args()))
-    except subprocess.CalledProcessError as err:
-        print(f"error: the demo stopped: `{' '.join(map(str, err.cmd[1:]))}` exited with status {err.returncode} "
-              "(its messages are above)", file=sys.stderr)
-        return 1
-    return 0
+    args = parse_args(argv)
+    return run_cli(lambda: print_demo(args))
+
+
+def print_demo(args: argparse.Namespace) -> int:
+    """Run the demo and print its before/after table."""
+    print(run_demo(args))
+    return EXIT_OK
 
 
 if __name__ == "__main__":

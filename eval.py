@@ -7,17 +7,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from pipelines.evaluation import EvalConfig, default_cache_dir, default_workers, run_evaluation
 from utils.dis5k import EVAL_SPLITS
-from utils.evaluation import (
-    EvalConfig,
-    EvalError,
-    default_cache_dir,
-    default_workers,
-    run,
-)
+from utils.errors import EXIT_OK, run_cli
 from utils.metrics import ALL_METRICS, FIELD_METRICS
 
 
@@ -45,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=list(EVAL_SPLITS),
                    help="datasets to evaluate; the 'DIS-TE (1-4)' row (mean of the four subsets) is added "
                         "when DIS-TE1..4 are all among them")
-    p.add_argument("--workers", type=int_at_least(1), default=default_workers(),
+    p.add_argument("--workers", "--num_workers", dest="workers", type=int_at_least(1), default=default_workers(),
                    help="worker processes evaluating images in parallel (default: all cores)")
     p.add_argument("--cache_dir", type=Path, default=None,
                    help=f"folder caching GT skeletons for HCE, keyed by GT file content "
@@ -65,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the evaluation; user errors end with one line on stderr and exit status 1."""
+    """Run the evaluation; a problem ends in one `error:` line and the exit code of utils.errors."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     config = EvalConfig(
@@ -74,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         digits=args.digits, save_json=args.save_json, save_csv=args.save_csv, save_latex=args.save_latex,
         per_image_csv=args.per_image_csv, plot_dir=args.plot_dir,
     )
-    try:
-        table = run(config)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(table)
-    return 0
+    return run_cli(lambda: print_table(config))
+
+
+def print_table(config: EvalConfig) -> int:
+    """Evaluate and print the table."""
+    print(run_evaluation(config))
+    return EXIT_OK
 
 
 if __name__ == "__main__":

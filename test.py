@@ -11,14 +11,19 @@ import sys
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from lib.checkpoint import CheckpointError
 from lib.encoders import FREQ_ENCODERS
+from pipelines.inference import (
+    InferenceOptions,
+    InferenceSummary,
+    check_options,
+    dis5k_jobs,
+    folder_job,
+    load_model,
+    predict_jobs,
+)
+from utils.device import AMP_CHOICES, resolve_device
 from utils.dis5k import EVAL_SPLITS
-from utils.inference import (AMP_DTYPES, InferenceError, InferenceOptions, InferenceSummary,
-                             check_options, dis5k_jobs, folder_job, load_model, predict_jobs, select_device)
-
-EXIT_FAILED_IMAGES = 1
-EXIT_USAGE = 2
+from utils.errors import EXIT_FAILED, EXIT_OK, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,10 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--freq_encoder", choices=tuple(FREQ_ENCODERS), default="resnet50",
                    help="frequency encoder the checkpoint was trained with (release: resnet50)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
-    p.add_argument("--batch_size", type=int, default=1, help="images per forward pass (release: 1)")
+    p.add_argument("--batch_size", "--batchsize", dest="batch_size", type=int, default=1,
+                   help="images per forward pass (release: 1)")
     p.add_argument("--num_workers", type=int, default=0,
                    help="DataLoader processes that read and resize images in the background (0: main process)")
-    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default=None,
+    p.add_argument("--amp", choices=AMP_CHOICES, default="none",
                    help="mixed-precision forward in bf16 or fp16 (faster; maps differ slightly from fp32)")
     p.add_argument("--fast_decode", action="store_true",
                    help="decode JPEGs at reduced resolution (still >= --testsize) and resize with torch's uint8 "
@@ -52,9 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> InferenceSummary:
+def predict(args: argparse.Namespace) -> InferenceSummary:
     """Find the images, load the model and write the maps."""
-    options = InferenceOptions(testsize=args.testsize, device=select_device(args.device),
+    options = InferenceOptions(testsize=args.testsize, device=resolve_device(args.device),
                                batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp,
                                fast_decode=args.fast_decode, skip_existing=args.skip_existing)
     check_options(options)
@@ -80,13 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run test.py; exit 0 when every map was written, 1 when some images failed, 2 on a setup error."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        summary = run(args)
-    except (CheckpointError, InferenceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_cli(lambda: predict_and_report(args))
+
+
+def predict_and_report(args: argparse.Namespace) -> int:
+    """Write the maps and print the summary; exit 1 when some images failed."""
+    summary = predict(args)
     report(summary, args.save_root)
-    return EXIT_FAILED_IMAGES if summary.failed else 0
+    return EXIT_FAILED if summary.failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -9,22 +9,16 @@ Without torchrun it trains on every visible GPU through DataParallel (as the rel
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from lib.checkpoint import CheckpointError
 from lib.encoders import FREQ_ENCODERS
-from utils.data import DataError
-from utils.distributed import DeviceError, cleanup_distributed, init_distributed
-from utils.imageio import ImageReadError
-from utils.inference import AMP_DTYPES
-from utils.trainer import TrainConfig, Trainer, TrainingError, configure_logging
-
-log = logging.getLogger("train")
-
-EXIT_ERROR = 1
+from pipelines.training import TrainConfig, Trainer
+from utils.device import AMP_CHOICES
+from utils.distributed import cleanup_distributed, init_distributed
+from utils.errors import run_cli
+from utils.logs import configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=d.lr, help="base learning rate of AdaXW (release: 2e-4)")
     g.add_argument("--weight_decay", type=float, default=d.weight_decay,
                    help="AdaXW decoupled weight decay, applied to every parameter with a gradient (release: 1e-4)")
-    g.add_argument("--batchsize", type=int, default=d.batchsize,
+    g.add_argument("--batchsize", "--batch_size", dest="batchsize", type=int, default=d.batchsize,
                    help="images per batch (release: 8). Under torchrun this is PER PROCESS (global batch = "
                         "batchsize x processes); with DataParallel it is split over the GPUs")
     g.add_argument("--trainsize", type=int, default=d.trainsize,
@@ -84,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="augment with random horizontal flips (p=0.5); the release has no augmentation")
     g.add_argument("--fast_decode", action="store_true",
                    help="decode JPEGs at reduced scale and box-reduce masks (both still >= --trainsize), then resize "
-                        "with torch's uint8 kernel: 2.1-2.4x the release's loader per sample on DIS5K-sized "
-                        "photos; pixel values differ slightly from the release's")
+                        "with torch's uint8 kernel: faster loading of large photos (benchmark.py --only data; README), "
+                        "pixel values differ slightly from the release's")
     g.add_argument("--cache_dir", default=None,
                    help="cache each resized pair here (about 4*trainsize^2 bytes) so later epochs skip decoding")
     g.add_argument("--num_workers", type=int, default=d.num_workers,
@@ -100,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchrun each process takes cuda:LOCAL_RANK")
     g.add_argument("--backend", default=d.backend, choices=("auto", "nccl", "gloo"),
                    help="DDP backend under torchrun (auto: nccl on GPUs, gloo on CPU)")
-    g.add_argument("--amp", choices=("none", *AMP_DTYPES), default=d.amp,
+    g.add_argument("--amp", choices=AMP_CHOICES, default=d.amp,
                    help="mixed precision (fp16 uses a GradScaler, saved in checkpoints); release: none")
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (three shapes: one per rate)")
@@ -131,20 +125,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse flags and train; exit 1 with one clear line on a data, checkpoint or training error."""
-    cfg = config_from_args(build_parser().parse_args(argv))
+def train(cfg: TrainConfig) -> int:
+    """Join the process group (under torchrun), train, leave it."""
     try:
         ctx = init_distributed(cfg.device, cfg.backend)
-        configure_logging(ctx)
+        configure_logging(ctx.rank)
         with logging_redirect_tqdm():
             Trainer(cfg, ctx).fit()
-    except (TrainingError, DataError, CheckpointError, ImageReadError, DeviceError) as e:
-        log.error("%s", e)
-        return EXIT_ERROR
     finally:
         cleanup_distributed()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags and train; a problem ends in one `error:` line and the exit code of utils.errors."""
+    cfg = config_from_args(build_parser().parse_args(argv))
+    return run_cli(lambda: train(cfg))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from utils.errors import FSANetError
+
 log = logging.getLogger(__name__)
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -31,7 +33,7 @@ RELEASE_KEY_RULES: list[tuple[str, str | Callable[[re.Match], str]]] = [
 ]
 
 
-class CheckpointError(Exception):
+class CheckpointError(FSANetError):
     """A checkpoint or weights file that cannot be used; the message names the file and the fix."""
 
 
@@ -51,7 +53,8 @@ def torch_load_weights(path: str | os.PathLike) -> object:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({err})") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format): {reason}") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format): "
+                              f"{reason}") from None
 
 
 def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -78,7 +81,8 @@ def extract_state_dict(obj: object, path: str | os.PathLike) -> dict[str, torch.
                 break
     if not isinstance(obj, Mapping) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         found = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
-        raise CheckpointError(f"{path} holds no model weights (expected a state dict or a dict with 'model'; found {found})")
+        raise CheckpointError(f"{path} holds no model weights (expected a state dict or a dict with 'model'; "
+                              f"found {found})")
     return strip_wrapper_prefixes(obj)
 
 

@@ -1,8 +1,9 @@
 """Inference fast paths that keep the release's outputs to float32 round-off.
 
 `optimize_for_inference` folds BatchNorm into the preceding convolutions and stores weights
-channels_last (on CPU this removes most layout copies around the convolutions); `use_release_compute` puts back the release's slower way of computing the same
-thing (explicit attention, the filter mask rebuilt every call) so benchmarks can time both in one run.
+channels_last (on CPU this removes most layout copies around the convolutions);
+`use_release_compute` puts back the release's slower way of computing the same thing (explicit
+attention, the filter mask rebuilt every call) so benchmarks can time both in one run.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ from torch import nn
 class ConvBN(nn.Module):
     """Conv (no bias) + BatchNorm, no activation (the release's BasicConv2d)."""
 
-    def __init__(self, cin: int, cout: int, kernel_size: int | tuple[int, int], padding: int | tuple[int, int] = 0) -> None:
+    def __init__(self, cin: int, cout: int, kernel_size: int | tuple[int, int],
+                 padding: int | tuple[int, int] = 0) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel_size, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(cout)

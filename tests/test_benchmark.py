@@ -4,11 +4,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def test_benchmark_reports_every_row(tmp_path):
@@ -29,7 +27,7 @@ def test_benchmark_reports_every_row(tmp_path):
 
 
 def test_loading_benchmark_compares_the_release_loader_with_ours():
-    from utils.benchmarking import benchmark_loading
+    from pipelines.benchmarks.loading import benchmark_loading
 
     result = benchmark_loading(2, size=(400, 300), trainsize=64, repeats=2)
     assert result["n"] == 2

@@ -13,8 +13,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from utils import data
-from utils.data import (DataError, EvalDataset, Sample, TrainDataset, eval_collate,
-                        find_split_dirs, pair_samples)
+from utils.data import DataError, EvalDataset, Pair, TrainDataset, eval_collate, find_split_dirs, pair_samples
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -83,8 +82,8 @@ def test_pairs_by_stem_not_sorted_order(tmp_path: Path, caplog: pytest.LogCaptur
     (tmp_path / "im" / "d.jpg").unlink()
     with caplog.at_level(logging.WARNING, logger="utils.data"):
         samples = pair_samples(tmp_path, on_bad="skip")
-    assert samples == [Sample("b", tmp_path / "im" / "b.JPG", tmp_path / "gt" / "b.png"),
-                       Sample("c", tmp_path / "im" / "c.jpg", tmp_path / "gt" / "c.png")]
+    assert samples == [Pair("b", tmp_path / "im" / "b.JPG", tmp_path / "gt" / "b.png"),
+                       Pair("c", tmp_path / "im" / "c.jpg", tmp_path / "gt" / "c.png")]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("a.jpg" in w and "without a mask" in w for w in warnings)
     assert any("d.png" in w and "without an image" in w for w in warnings)
@@ -135,7 +134,7 @@ def test_train_dataset_exact_path_matches_release_transforms(tmp_path: Path) -> 
     assert got_image.shape == (3, 32, 32) and got_gt.shape == (1, 32, 32)
     assert got_image.dtype == torch.float32 and got_gt.dtype == torch.float32
     assert torch.equal(got_image, want_image) and torch.equal(got_gt, want_gt)
-    assert 0.0 <= got_gt.min() and got_gt.max() <= 1.0
+    assert got_gt.min() >= 0.0 and got_gt.max() <= 1.0
     assert ((got_gt > 0.05) & (got_gt < 0.95)).any()  # soft mask, not binarised
     assert got_image.min() < -1.0 < 1.0 < got_image.max()  # ImageNet-normalised, not [0, 1]
 

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
+from conftest import ROOT
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_reduced_demo_runs_end_to_end(tmp_path):

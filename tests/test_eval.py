@@ -12,20 +12,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import ROOT
 from py_sod_metrics import HumanCorrectionEffortMeasure
 from skimage import morphology
 
-from utils.dis5k import TE_MEAN_ROW, TE_SUBSETS
-from utils.evaluation import (
+from pipelines.evaluation import (
     DatasetResult,
     cached_skeleton,
     evaluate,
     skeleton_cache_path,
     summary_rows,
 )
+from utils.dis5k import TE_MEAN_ROW, TE_SUBSETS
 from utils.metrics import ALL_METRICS, DISMetrics, HumanCorrectionEffort, gt_skeleton
 
-ROOT = Path(__file__).resolve().parents[1]
 STEMS = [f"case_{i:03d}" for i in range(8)]
 
 
@@ -300,7 +300,7 @@ def test_unwritable_cache_does_not_stop_evaluation(tmp_path: Path, reference_dir
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS})
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with caplog.at_level(logging.WARNING, logger="utils.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.evaluation"):
         results = evaluate(pred_root, gt_root, ["case"], workers=1, cache_dir=blocker / "cache", progress=False)
     assert "could not write the HCE skeleton cache" in caplog.text
     assert_matches_expected(results["case"].metrics, expected)

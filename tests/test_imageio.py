@@ -8,8 +8,7 @@ import pytest
 from PIL import Image
 
 from utils import imageio
-from utils.imageio import (IMAGE_EXTENSIONS, ImageReadError, image_size, list_images, read_mask, read_rgb,
-                           write_png)
+from utils.imageio import IMAGE_EXTENSIONS, ImageReadError, image_size, list_images, read_mask, read_rgb, write_png
 
 LOSSLESS = {".png", ".bmp", ".tif", ".tiff"}
 

@@ -12,11 +12,11 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 
-from utils import inference
+from pipelines import inference
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = "64"  # test size for everything except the release comparison, which is pinned at 256
 
 
@@ -267,7 +267,7 @@ def release_model(release_ckpt: Path) -> torch.nn.Module:
 
 
 def predict_maps(model: torch.nn.Module, folder: Path, out: Path, **options) -> dict[str, np.ndarray]:
-    """Maps of every image in `folder` through utils.inference, by file name."""
+    """Maps of every image in `folder` through pipelines.inference, by file name."""
     options = inference.InferenceOptions(testsize=int(SMALL), **options)
     summary = inference.predict_jobs(model, [inference.folder_job(folder, out)], options)
     assert not summary.failed

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.training.config import scaled_size
+from pipelines.training.reproducibility import EpochSampler, rng_state, set_rng_state
 from utils.distributed import DistContext, smallest_replica_batch
 from utils.losses import RELEASE_WEIGHTS, deep_supervision_loss, structure_loss
 from utils.optim import AdaXW, clip_gradient, poly_lr, set_lr
-from utils.trainer import EpochSampler, rng_state, scaled_size, set_rng_state
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +161,8 @@ def test_rng_state_roundtrips_through_weights_only_load():
 
 def test_no_batch_gives_a_data_parallel_gpu_a_single_image():
     # torch.chunk splits 7 over 3 GPUs as 3, 3, 1 and 3 over 2 as 2, 1.
-    assert [smallest_replica_batch(b, n) for b, n in [(8, 1), (8, 2), (7, 3), (5, 2), (3, 2), (16, 8)]] == [8, 4, 1, 2, 1, 2]
+    cases = [(8, 1), (8, 2), (7, 3), (5, 2), (3, 2), (16, 8)]
+    assert [smallest_replica_batch(b, n) for b, n in cases] == [8, 4, 1, 2, 1, 2]
     ctx = DistContext(0, 1, 0, torch.device("cpu"))
     for n, kept in [(13, 12), (14, 12), (15, 12), (16, 16)]:  # 1, 2, 3 left over give a GPU 1 image; 4 give 2 + 2
         sampler = EpochSampler(range(n), 6, ctx, seed=0, replicas=3)

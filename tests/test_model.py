@@ -132,10 +132,14 @@ def test_res2net_frequency_encoder_runs():
 
 @pytest.mark.parametrize("layout", ["ours", "bare", "module", "compiled", "ddp_compiled"])
 def test_every_checkpoint_layout_loads(layout, model, target, tmp_path):
-    source = {k: torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    prefix = {"ours": "", "bare": "", "module": "module.", "compiled": "_orig_mod.", "ddp_compiled": "module._orig_mod."}[layout]
+    source = {k: torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point() else v
+              for k, v in model.state_dict().items()}
+    prefix = {"ours": "", "bare": "", "module": "module.", "compiled": "_orig_mod.",
+              "ddp_compiled": "module._orig_mod."}[layout]
     weights = {prefix + k: v for k, v in source.items()}
-    blob = {"model": weights, "optimizer": {"state": {}}, "epoch": 3, "format": "fsanet-train-v1"} if layout == "ours" else weights
+    blob = weights
+    if layout == "ours":
+        blob = {"model": weights, "optimizer": {"state": {}}, "epoch": 3, "format": "fsanet-train-v1"}
     torch.save(blob, tmp_path / "ckpt.pth")
     load_checkpoint(target, tmp_path / "ckpt.pth")
     loaded = target.state_dict()

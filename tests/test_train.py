@@ -9,18 +9,20 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
+from conftest import ROOT
 
 import train
 from lib import FSANet
+from pipelines.training import TrainConfig, Trainer
+from pipelines.training.checkpointing import CHECKPOINT_FORMAT
+from pipelines.training.reproducibility import tensors_digest
 from utils.synthetic import generate_split
-from utils.trainer import CHECKPOINT_FORMAT, TrainConfig, Trainer, tensors_digest
 
-ROOT = Path(__file__).resolve().parents[1]
 SEED = 7
 
 
@@ -78,24 +80,26 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
 
 
-def test_bad_data_is_reported_by_file_name(tiny_data, tmp_path, caplog):
+def test_bad_data_is_reported_by_file_name(tiny_data, tmp_path, capsys):
     split = tmp_path / "DIS-TR"
     shutil.copytree(tiny_data / "DIS-TR", split)
     (split / "gt" / "tr_0001.png").unlink()  # an image without its mask
     (split / "im" / "broken.jpg").write_bytes(b"not a jpeg")
     (split / "gt" / "broken.png").write_bytes(b"not a png")
     rc = train.main(cli_args(split, tmp_path / "ck", "bad", "--on_bad", "error"))
-    assert rc == 1
-    assert "tr_0001.jpg" in caplog.text and "broken.jpg" in caplog.text
+    assert rc == 2  # refused before any work
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "tr_0001.jpg" in err and "broken.jpg" in err
     assert not (tmp_path / "ck" / "bad" / "last.pth").exists()
 
 
-def test_missing_pretrained_weights_stop_with_a_clear_message(tiny_data, tmp_path, caplog):
+def test_missing_pretrained_weights_stop_with_a_clear_message(tiny_data, tmp_path, capsys):
     args = [a for a in cli_args(tiny_data / "DIS-TR", tmp_path, "nopre") if a != "--no_pretrained"]
     rc = train.main(args + ["--pvt_path", str(tmp_path / "missing_pvt.pth"),
                             "--resnet_path", str(tmp_path / "missing_resnet.pth")])
-    assert rc == 1
-    assert "missing_pvt.pth" in caplog.text and "--no_pretrained" in caplog.text
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "missing_pvt.pth" in err and "--no_pretrained" in err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -104,10 +108,11 @@ def test_missing_pretrained_weights_stop_with_a_clear_message(tiny_data, tmp_pat
     pytest.param(("--device", "cuda"), "--device cuda: no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
-def test_unusable_options_stop_with_one_clear_line(tiny_data, tmp_path, caplog, flags, message):
+def test_unusable_options_stop_with_one_clear_line(tiny_data, tmp_path, capsys, flags, message):
     rc = train.main(cli_args(tiny_data / "DIS-TR", tmp_path, "opts", *flags))
-    assert rc == 1
-    assert message in caplog.text
+    assert rc == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not (tmp_path / "opts").exists()
 
 
@@ -220,13 +225,14 @@ def test_resuming_a_finished_schedule_trains_nothing(train_split, straight_run, 
     assert "orphan.jpg" in caplog.text  # the image without a mask is skipped by name (--on_bad skip)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(train_split, killed_run, tmp_path, caplog):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(train_split, killed_run, tmp_path, capsys):
     run = linked_copy(killed_run, tmp_path)
     before = (run / "last.pth").stat()
     rc = train.main(cli_args(train_split, tmp_path, "run", *SCHEDULE, "--save_iters", "1", "--lr", "1e30",
                              "--pre_model", str(run / "last.pth")))
-    assert rc == 1
-    assert "non-finite loss at epoch 1, batch 2" in caplog.text and str(run / "last.pth") in caplog.text
+    assert rc == 1  # a fault at run time
+    err = capsys.readouterr().err
+    assert "non-finite loss at epoch 1, batch 2" in err and str(run / "last.pth") in err
     after = (run / "last.pth").stat()
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
     assert sorted(p.name for p in run.glob("*.pth")) == ["last.pth"]
@@ -282,7 +288,7 @@ def test_two_process_ddp_trains_identical_replicas(tiny_data, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    line = next(l for l in log.splitlines() if "parameter sha256 per rank:" in l)
+    line = next(text for text in log.splitlines() if "parameter sha256 per rank:" in text)
     digests = line.split("per rank:")[1].split(";")[0].split()
     assert len(digests) == 2 and digests[0] == digests[1]
 

@@ -1,6 +1,6 @@
 """DIS5K datasets for training and validation.
 
-`TrainDataset` reproduces the release's preprocessing (design.md section 2): image and mask resized to
+`TrainDataset` reproduces the release's preprocessing (../shared/design.md, section 2): image and mask resized to
 `trainsize` square with PIL bilinear (torchvision `Resize` on a PIL image), `ToTensor`, ImageNet
 normalisation for the image, the mask kept soft in [0, 1], no augmentation. Two differences from the
 release: images and masks are paired by file stem (the release zips the sorted lists) and pairs that
@@ -12,9 +12,9 @@ import hashlib
 import logging
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from utils.atomic import atomic_path
-from utils.dis5k import SPLIT_LAYOUTS
+from utils.dis5k import expected_folders, split_folders
+from utils.errors import FSANetError, listing
 from utils.imageio import ImageReadError, image_size, list_images, read_mask, read_rgb
 
 logger = logging.getLogger(__name__)
@@ -34,14 +35,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _CACHE_VERSION = 2  # 2: channels-first 4xSxS entries
 _MAX_LISTED = 20
+_LIST_SEP = "\n  "
 
 
-class DataError(Exception):
+class DataError(FSANetError):
     """A dataset folder or file that cannot be used; the message names it and says what to fix."""
 
 
 @dataclass(frozen=True)
-class Sample:
+class Pair:
     """One image/mask pair of a split, matched by file stem."""
 
     stem: str
@@ -54,11 +56,10 @@ def find_split_dirs(split_root: str | os.PathLike) -> tuple[Path, Path]:
     root = Path(split_root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
-    for image_name, gt_name in SPLIT_LAYOUTS:
-        if (root / image_name).is_dir() and (root / gt_name).is_dir():
-            return root / image_name, root / gt_name
-    expected = " or ".join(f"{i}/ + {g}/" for i, g in SPLIT_LAYOUTS)
-    raise DataError(f"{root}: expected image and mask folders {expected} inside it")
+    found = split_folders(root)
+    if found is None:
+        raise DataError(f"{root}: expected image and mask folders {expected_folders()} inside it")
+    return found
 
 
 def _index_by_stem(files: Iterable[Path], kind: str, bad: list[str]) -> tuple[dict[str, Path], set[str]]:
@@ -92,16 +93,14 @@ def _report_bad(root: Path, bad: list[str], total: int, on_bad: str) -> None:
     if not bad:
         return
     if on_bad == "error":
-        listed = "\n  ".join(bad[:_MAX_LISTED])
-        more = f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
         raise DataError(f"{root}: {len(bad)} unusable file(s) among {total}; fix or remove them, "
-                        f"or skip them with on_bad='skip':\n  {listed}{more}")
+                        f"or skip them with on_bad='skip':\n  {listing(bad, _MAX_LISTED, _LIST_SEP)}")
     for line in bad:
         logger.warning("skipping %s", line)
     logger.warning("%s: skipped %d unusable file(s) among %d; see the warnings above", root, len(bad), total)
 
 
-def pair_samples(split_root: str | os.PathLike, on_bad: str = "skip") -> list[Sample]:
+def pair_samples(split_root: str | os.PathLike, on_bad: str = "skip") -> list[Pair]:
     """Image/mask pairs of a split matched by stem, in sorted image order; bad files skipped or raised."""
     if on_bad not in ("skip", "error"):
         raise ValueError(f"on_bad must be 'skip' or 'error', not {on_bad!r}")
@@ -115,7 +114,7 @@ def pair_samples(split_root: str | os.PathLike, on_bad: str = "skip") -> list[Sa
     gt_index, gt_duplicates = _index_by_stem(gts, "mask", bad)
     bad.extend(f"{gt}: mask without an image of the same stem in {image_dir}"
                for stem, gt in gt_index.items() if stem not in image_index and stem not in image_duplicates)
-    samples: list[Sample] = []
+    samples: list[Pair] = []
     for stem, image in tqdm(image_index.items(), desc=f"checking {root.name}", leave=False, disable=None):
         gt = gt_index.get(stem)
         if gt is None and stem in gt_duplicates:
@@ -123,7 +122,7 @@ def pair_samples(split_root: str | os.PathLike, on_bad: str = "skip") -> list[Sa
         problem = f"{image}: image without a mask of the same stem in {gt_dir}" if gt is None \
             else _check_pair(image, gt)
         if problem is None:
-            samples.append(Sample(stem, image, gt))
+            samples.append(Pair(stem, image, gt))
         else:
             bad.append(problem)
     _report_bad(root, bad, len(images) + len(gts), on_bad)
@@ -132,7 +131,7 @@ def pair_samples(split_root: str | os.PathLike, on_bad: str = "skip") -> list[Sa
     return samples
 
 
-def _as_samples(source: str | os.PathLike | Sequence[Sample], on_bad: str) -> list[Sample]:
+def _as_samples(source: str | os.PathLike | Sequence[Pair], on_bad: str) -> list[Pair]:
     """A split folder's pairs, or an explicit list of samples as given."""
     if isinstance(source, (str, os.PathLike)):
         return pair_samples(source, on_bad=on_bad)
@@ -203,10 +202,10 @@ class TrainDataset(Dataset):
     get a new entry (stale ones are left on disk).
     """
 
-    def __init__(self, source: str | os.PathLike | Sequence[Sample], trainsize: int = 736, *,
+    def __init__(self, source: str | os.PathLike | Sequence[Pair], trainsize: int = 736, *,
                  hflip: bool = False, fast_decode: bool = False, cache_dir: str | os.PathLike | None = None,
                  on_bad: str = "skip") -> None:
-        """Pair `source` (a split folder, or a list of Samples) and set the preprocessing options."""
+        """Pair `source` (a split folder, or a list of Pairs) and set the preprocessing options."""
         self.samples = _as_samples(source, on_bad)
         self.trainsize = int(trainsize)
         self.hflip = hflip
@@ -214,10 +213,9 @@ class TrainDataset(Dataset):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
 
     def __len__(self) -> int:
-        """Number of usable pairs."""
         return len(self.samples)
 
-    def _decode_resized(self, sample: Sample) -> torch.Tensor:
+    def _decode_resized(self, sample: Pair) -> torch.Tensor:
         """Decode and resize one pair into a 4xSxS uint8 tensor (RGB + mask)."""
         size = self.trainsize
         try:
@@ -231,13 +229,13 @@ class TrainDataset(Dataset):
         exact = not self.fast_decode
         return torch.cat([resize_uint8(image, size, exact), resize_uint8(mask, size, exact)])
 
-    def _cache_path(self, sample: Sample) -> Path:
+    def _cache_path(self, sample: Pair) -> Path:
         """Cache file of a pair: a hash of both sources' identity and the preprocessing options."""
         key = "|".join([_stat_key(sample.image), _stat_key(sample.gt), str(self.trainsize),
                         str(self.fast_decode), str(_CACHE_VERSION)])
         return self.cache_dir / f"{sample.stem}-{hashlib.sha1(key.encode()).hexdigest()[:20]}.npy"
 
-    def _load_resized(self, sample: Sample) -> torch.Tensor:
+    def _load_resized(self, sample: Pair) -> torch.Tensor:
         """The resized pair from the cache when present and valid, else decoded (and cached)."""
         if self.cache_dir is None:
             return self._decode_resized(sample)
@@ -272,7 +270,7 @@ class EvalDataset(Dataset):
     Masks are always decoded in full. Batch with `eval_collate`, since masks differ in size.
     """
 
-    def __init__(self, source: str | os.PathLike | Sequence[Sample], testsize: int = 992, *,
+    def __init__(self, source: str | os.PathLike | Sequence[Pair], testsize: int = 992, *,
                  fast_decode: bool = False, on_bad: str = "skip") -> None:
         """Pair `source` (a split folder, or a list of Samples) and build the image transform."""
         self.samples = _as_samples(source, on_bad)
@@ -280,7 +278,6 @@ class EvalDataset(Dataset):
         self.fast_decode = fast_decode
 
     def __len__(self) -> int:
-        """Number of usable pairs."""
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, np.ndarray, str]:

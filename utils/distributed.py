@@ -12,11 +12,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from utils.device import resolve_device
+
 log = logging.getLogger(__name__)
-
-
-class DeviceError(Exception):
-    """A requested device that this machine does not have; the message says which flag to change."""
 
 
 @dataclass(frozen=True)
@@ -42,27 +40,6 @@ class DistContext:
 def launched_by_torchrun() -> bool:
     """True when torchrun (torch.distributed.run) started this process."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "LOCAL_RANK" in os.environ
-
-
-def resolve_device(requested: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
-    """Turn --device (auto, cpu, cuda, cuda:N) into a torch.device; DDP ranks take cuda:LOCAL_RANK."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise DeviceError(f"--device {requested}: not a device name; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {requested}: no CUDA GPU is visible; use --device cpu")
-        if distributed:
-            device = torch.device("cuda", local_rank)
-        elif device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if device.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        torch.cuda.set_device(device)
-    return device
 
 
 def init_distributed(requested_device: str, backend: str = "auto", timeout_min: float = 30.0) -> DistContext:

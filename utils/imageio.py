@@ -18,13 +18,14 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from utils.atomic import atomic_path
+from utils.errors import FSANetError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -37,7 +38,7 @@ _bomb_depth = 0
 _bomb_saved: int | None = None
 
 
-class ImageReadError(Exception):
+class ImageReadError(FSANetError):
     """An image or mask file that cannot be read; the message names the file and the reason."""
 
 

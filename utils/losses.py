@@ -1,7 +1,7 @@
 """The release's structure loss and its deep-supervision sum over P1..P4."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

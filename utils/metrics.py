@@ -31,6 +31,8 @@ ALL_METRICS: tuple[str, ...] = ("maxF", "meanF", "adpF", "wF", "MAE", "Sm", "mea
 FIELD_METRICS: tuple[str, ...] = ("maxF", "wF", "MAE", "Sm", "meanEm", "HCE")
 # The DIS authors' binarisation threshold on raw 8-bit values (`> 128`), also PySODMetrics' GT threshold.
 BINARY_THRESHOLD = 128
+# The field's F-measure weight beta^2.
+F_BETA2 = 0.3
 
 
 def gt_skeleton(gt: np.ndarray) -> np.ndarray:
@@ -111,7 +113,7 @@ class DISMetrics:
 
     def __init__(self) -> None:
         """Create the library's metric objects (F-measure beta^2 = 0.3, S-measure alpha = 0.5)."""
-        self._fm = FmeasureHandler(with_dynamic=True, with_adaptive=True, beta=0.3)
+        self._fm = FmeasureHandler(with_dynamic=True, with_adaptive=True, beta=F_BETA2)
         self._precision = PrecisionHandler(with_dynamic=True, with_adaptive=False)
         self._recall = RecallHandler(with_dynamic=True, with_adaptive=False)
         self.fmeasure = FmeasureV2({"fm": self._fm, "precision": self._precision, "recall": self._recall})
@@ -132,7 +134,6 @@ class DISMetrics:
         }
 
     def __len__(self) -> int:
-        """Number of images stepped or merged so far."""
         return len(self.mae.maes)
 
     def step(self, pred: np.ndarray, gt: np.ndarray, skeleton: np.ndarray | None = None) -> None:
@@ -174,6 +175,27 @@ class DISMetrics:
         # The library orders its curves from threshold 255 down to 0.
         return {"threshold": np.arange(256), "precision": results["precision"]["dynamic"][::-1],
                 "recall": results["recall"]["dynamic"][::-1], "fmeasure": results["fm"]["dynamic"][::-1]}
+
+
+class ValidationMetrics:
+    """maxF and MAE alone, with DISMetrics' PySODMetrics set-up: training's quick validation."""
+
+    def __init__(self) -> None:
+        """Create the library's F-measure (beta^2 = 0.3, thresholds 0..255) and MAE objects."""
+        self._fm = FmeasureHandler(with_dynamic=True, with_adaptive=False, beta=F_BETA2)
+        self.fmeasure = FmeasureV2({"fm": self._fm})
+        self.mae = MAE()
+
+    def step(self, pred: np.ndarray, gt: np.ndarray) -> None:
+        """Add one raw 8-bit prediction/GT pair of the same size."""
+        pred_norm, gt_bin = validate_and_normalize_input(pred, gt, normalize=True)
+        self.fmeasure.step(pred_norm, gt_bin, normalize=False)
+        self.mae.step(pred_norm, gt_bin, normalize=False)
+
+    def get_results(self) -> dict[str, float]:
+        """{"maxF": ..., "MAE": ...} over the images stepped."""
+        return {"maxF": float(self.fmeasure.get_results()["fm"]["dynamic"].max()),
+                "MAE": float(self.mae.get_results()["mae"])}
 
 
 def image_summary(state: dict[str, list]) -> dict[str, float]:

@@ -15,8 +15,8 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -235,6 +235,44 @@ def _render(rng: np.random.Generator, width: int, height: int, difficulty: float
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
 
 
+def shapes_pair(rng: np.random.Generator, width: int, height: int, ellipses: int = 12,
+                lines: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A large photo-like RGB image (smooth noise, grain) with filled ellipses and straight bars, and its mask.
+
+    Cheaper than `_render` at DIS5K's 2500 x 3400: the benchmarks use it for photos (ellipses only, so
+    loading is timed on DIS-sized files) and for GT maps (bars as thin structure plus ellipses as bodies).
+    """
+    colour = 128 + 100 * _smooth_noise(rng, width, height, 24, 3) + 5 * _grain(rng, width, height, 0.7)
+    image = np.clip(colour, 0, 255).astype(np.uint8)
+    mask = np.zeros((height, width), np.uint8)
+    for _ in range(lines):
+        p, q = rng.integers(0, (width, height), size=(2, 2))
+        thickness = int(rng.integers(2, 12))
+        cv2.line(mask, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), 255, thickness)
+        cv2.line(image, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), _random_colour(rng), thickness)
+    for _ in range(ellipses):
+        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        axes = (int(rng.integers(width // 40, width // 6)), int(rng.integers(height // 40, height // 6)))
+        angle = float(rng.uniform(0, 180))
+        cv2.ellipse(image, centre, axes, angle, 0, 360, _random_colour(rng), -1, cv2.LINE_AA)
+        cv2.ellipse(mask, centre, axes, angle, 0, 360, 255, -1, cv2.LINE_AA)
+    return image, mask
+
+
+def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A random RGB colour for cv2's drawing calls."""
+    return tuple(int(c) for c in rng.integers(0, 256, 3))
+
+
+def degraded_prediction(mask: np.ndarray, rng: np.random.Generator, blur: float = 3.0, noise: float = 20.0,
+                        shift: tuple[int, int] = (3, -2)) -> np.ndarray:
+    """A plausible imperfect prediction of `mask`: blurred, noisy and shifted by `shift` (x, y) pixels."""
+    h, w = mask.shape
+    pred = cv2.GaussianBlur(mask, (0, 0), blur).astype(np.float32) + rng.normal(0, noise, (h, w)).astype(np.float32)
+    pred = cv2.warpAffine(pred, np.float32([[1, 0, shift[0]], [0, 1, shift[1]]]), (w, h))
+    return np.clip(pred, 0, 255).astype(np.uint8)
+
+
 def _difficulty(rng: np.random.Generator, split: str) -> float:
     """Difficulty of one image: uniform for training/validation, around the subset's level for tests."""
     if split in TEST_DIFFICULTY:
@@ -242,7 +280,7 @@ def _difficulty(rng: np.random.Generator, split: str) -> float:
     return float(rng.uniform(0.0, 1.0))
 
 
-def _write_jpeg(image: np.ndarray, path: Path) -> None:
+def write_jpeg(image: np.ndarray, path: Path) -> None:
     """Write an RGB uint8 array as a JPEG (quality 90) atomically."""
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="JPEG", quality=_JPEG_QUALITY)
@@ -267,7 +305,7 @@ def generate_split(out: str | os.PathLike, split: str, count: int, seed: int = 0
     for index, stem in enumerate(tqdm(stems, desc=f"generating {split}", leave=False, disable=None)):
         rng = np.random.default_rng([seed, SPLITS.index(split), index])
         image, mask = _render(rng, width, height, _difficulty(rng, split))
-        _write_jpeg(image, root / "im" / f"{stem}.jpg")
+        write_jpeg(image, root / "im" / f"{stem}.jpg")
         write_png(mask, root / "gt" / f"{stem}.png")
     for sub in ("im", "gt"):
         _remove_stale(root / sub, set(stems))

@@ -1,39 +1,52 @@
-"""The training loop: the release's multi-scale recipe, checkpoints that resume exactly, DP/DDP, AMP.
+"""The training loop: the release's multi-scale recipe on CPU, one GPU, DataParallel or DDP, with AMP.
 
 One `Trainer` owns everything train.py runs: data, model, AdaXW, the poly schedule, the three
 optimiser steps per batch (rates 0.75/1/1.25), the elementwise gradient clamp, mixed precision,
-logging (tqdm, TensorBoard, `logging`), validation and checkpoints.
+logging (tqdm, TensorBoard, `logging`), validation and saving. What a checkpoint holds and how a run
+resumes from it is `checkpointing`'s; seeds and the data order are `reproducibility`'s.
 
 Resuming is exact: a run stopped (even killed) after any saved epoch, or batch with --save_iters, and
-resumed from its `last.pth` ends with the same weights as one that never stopped, because the data order
-is a function of (seed, epoch) and the checkpoint holds the optimiser, schedule position, GradScaler and
-every RNG (per rank under DDP). One exception: with --hflip and DataLoader workers, a mid-epoch resume
-draws other flips for the rest of that epoch (worker RNGs are seeded per epoch, not per batch).
+resumed from its `last.pth` ends with the same weights as one that never stopped. One exception: with
+--hflip and DataLoader workers, a mid-epoch resume draws other flips for the rest of that epoch (worker
+RNGs are seeded per epoch, not per batch).
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
-import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lib import FSANet, load_pretrained_encoders
-from lib.checkpoint import extract_state_dict, load_weights, strip_wrapper_prefixes, torch_load_weights
 from lib.fast import to_channels_last
-from utils.atomic import atomic_torch_save
+from pipelines.inference import logits_to_map
+from pipelines.training.checkpointing import RunState, resume, save_checkpoint, training_checkpoint
+from pipelines.training.config import (
+    NonFiniteLossError,
+    TrainConfig,
+    TrainingError,
+    check_config,
+    check_pretrained,
+    scaled_size,
+)
+from pipelines.training.reproducibility import (
+    EpochSampler,
+    loader_seed,
+    rng_state,
+    seed_everything,
+    seed_worker,
+    set_rng_state,
+    tensors_digest,
+)
 from utils.data import EvalDataset, TrainDataset, eval_collate
+from utils.device import autocast
 from utils.distributed import (
     DistContext,
     all_gather_objects,
@@ -46,125 +59,13 @@ from utils.distributed import (
     unwrap_model,
     wrap_model,
 )
-from utils.inference import AMP_DTYPES, autocast, logits_to_map
 from utils.losses import RELEASE_WEIGHTS, deep_supervision_loss
+from utils.metrics import ValidationMetrics
 from utils.optim import AdaXW, clip_gradient, poly_lr, set_lr
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "fsanet-train-v1"
 LOSS_NAMES = ("loss", "P1", "P2", "P3", "P4")
-# Settings that change the data order or the schedule; resuming with other values is allowed but warned.
-RESUME_SENSITIVE = ("epoch", "lr", "batchsize", "trainsize", "rates", "seed", "clip", "weight_decay",
-                    "weighted_bce", "hflip", "amp")
-
-
-class TrainingError(Exception):
-    """A training setup or run problem; the message names the cause and the fix."""
-
-
-class NonFiniteLossError(TrainingError):
-    """The loss became NaN or infinite; nothing of the broken state was saved."""
-
-
-@dataclass
-class TrainConfig:
-    """Every training option; field names are train.py's flag names (the release's where it had one)."""
-
-    train_path: str = "data/DIS5K/DIS-TR"
-    train_save: str = "FSANet"
-    save_root: str = "checkpoints"
-    epoch: int = 200
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    batchsize: int = 8
-    trainsize: int = 736
-    clip: float = 0.5
-    rates: tuple[float, ...] = (0.75, 1.0, 1.25)
-    weighted_bce: bool = False
-    freq_encoder: str = "resnet50"
-    drop_path_rate: float = 0.1
-    pre_model: Optional[str] = None
-    pvt_path: Optional[str] = "checkpoints/pvt_v2_b2.pth"
-    resnet_path: Optional[str] = "checkpoints/resnet50-0676ba61.pth"
-    res2net_path: Optional[str] = "checkpoints/res2net50_v1b_26w_4s-3cf99910.pth"
-    no_pretrained: bool = False
-    device: str = "auto"
-    backend: str = "auto"
-    num_workers: int = 4
-    seed: int = 0
-    hflip: bool = False
-    fast_decode: bool = False
-    cache_dir: Optional[str] = None
-    on_bad: str = "skip"
-    amp: str = "none"
-    channels_last: bool = False
-    compile: bool = False
-    save_every: int = 5
-    save_iters: int = 0
-    val_path: Optional[str] = None
-    val_every: int = 1
-    val_size: int = 992
-    stop_after_epoch: Optional[int] = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values for the checkpoint's "args" (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-
-@dataclass
-class RunState:
-    """Where the run is: epochs completed, batches done in the next epoch, optimiser steps, best maxF."""
-
-    epoch: int = 0
-    iteration: int = 0
-    step: int = 0
-    best_maxf: float = -1.0
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Reject option values the recipe cannot run with, naming the flag."""
-    problems = []
-    if cfg.epoch < 1:
-        problems.append(f"--epoch {cfg.epoch}: must be at least 1")
-    if cfg.batchsize < 2:
-        problems.append(f"--batchsize {cfg.batchsize}: must be at least 2 (BatchNorm cannot train on one image)")
-    if cfg.trainsize < 32:
-        problems.append(f"--trainsize {cfg.trainsize}: must be at least 32")
-    if any(scaled_size(cfg.trainsize, r) < 32 for r in cfg.rates) or not cfg.rates:
-        problems.append(f"--rates {cfg.rates}: every trainsize*rate must round to at least 32")
-    if cfg.val_size % 32 or cfg.val_size < 32:
-        problems.append(f"--val_size {cfg.val_size}: must be a positive multiple of 32")
-    if cfg.amp not in ("none", *AMP_DTYPES):
-        problems.append(f"--amp {cfg.amp}: choose none, {', '.join(AMP_DTYPES)}")
-    if cfg.on_bad not in ("skip", "error"):
-        problems.append(f"--on_bad {cfg.on_bad}: choose skip or error")
-    if cfg.stop_after_epoch is not None and cfg.stop_after_epoch < 1:
-        problems.append(f"--stop_after_epoch {cfg.stop_after_epoch}: must be at least 1")
-    if min(cfg.save_every, cfg.save_iters, cfg.val_every, cfg.num_workers) < 0:
-        problems.append("--save_every, --save_iters, --val_every and --num_workers must be 0 or more")
-    if problems:
-        raise TrainingError("; ".join(problems))
-
-
-def check_pretrained(cfg: TrainConfig) -> dict[str, str]:
-    """The encoder weight files to load, or an error naming each missing one (unless --no_pretrained)."""
-    if cfg.no_pretrained or cfg.pre_model:
-        return {}
-    wanted = {"pvt_path": cfg.pvt_path,
-              "resnet_path" if cfg.freq_encoder == "resnet50" else "res2net_path":
-                  cfg.resnet_path if cfg.freq_encoder == "resnet50" else cfg.res2net_path}
-    missing = [f"--{flag} {path}" if path else f"--{flag} (not given)"
-               for flag, path in wanted.items() if not path or not Path(path).is_file()]
-    if missing:
-        raise TrainingError(f"pretrained encoder weights not found: {', '.join(missing)}. Pass the ImageNet "
-                            "weight files (see README), or --no_pretrained to train from random weights.")
-    return {k: str(v) for k, v in wanted.items()}
-
-
-def scaled_size(trainsize: int, rate: float) -> int:
-    """The release's multi-scale size: round(trainsize * rate / 32) * 32."""
-    return int(round(trainsize * rate / 32) * 32)
 
 
 def resize_pair(images: torch.Tensor, gts: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,105 +76,10 @@ def resize_pair(images: torch.Tensor, gts: torch.Tensor, size: int) -> tuple[tor
     return F.interpolate(images, **resize), F.interpolate(gts, **resize)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG state of this process, in types torch.load(weights_only=True) accepts."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the RNG states saved by rng_state()."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader worker init: derive python and numpy seeds from the worker's torch seed."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def loader_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed of the DataLoader generator (worker seeds) for one (seed, epoch, rank)."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over names and bytes of tensors, sorted by name (identical tensors, identical digest)."""
-    h = hashlib.sha256()
-    for name, t in sorted(named, key=lambda item: item[0]):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-class EpochSampler(Sampler[int]):
-    """Indices of one epoch for this rank: DistributedSampler's (seed, epoch) shuffle, resumable mid-epoch.
-
-    A final batch that would give some GPU a single sample is dropped: BatchNorm cannot train on
-    one sample (the release crashes there; with DIS-TR's 3,000 images and batch 8 or 6 it never has one).
-    """
-
-    def __init__(self, dataset: Any, batch_size: int, ctx: DistContext, seed: int, replicas: int = 1) -> None:
-        """Shard `dataset` over ctx's ranks in batches of `batch_size` (split over `replicas` GPUs), shuffled from `seed`."""
-        self.inner = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
-                                        shuffle=True, seed=seed, drop_last=False)
-        self.batch_size = batch_size
-        self.replicas = replicas
-        self.indices: list[int] = []
-
-    def _usable(self, n: int) -> int:
-        """How many of n indices to keep: without a final batch too small for BatchNorm on every replica."""
-        rest = n % self.batch_size
-        return n - rest if rest and smallest_replica_batch(rest, self.replicas) < 2 else n
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Fix the order of `epoch` and skip the batches already trained in it."""
-        self.inner.set_epoch(epoch)
-        indices = list(self.inner)
-        indices = indices[:self._usable(len(indices))]
-        self.indices = indices[skip_batches * self.batch_size:]
-
-    def batches_per_epoch(self) -> int:
-        """Batches in a full epoch of this rank."""
-        return -(-self._usable(self.inner.num_samples) // self.batch_size)
-
-    def __iter__(self) -> Iterator[int]:
-        """This rank's remaining indices of the current epoch."""
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        """Number of remaining indices of the current epoch."""
-        return len(self.indices)
-
-
 class Trainer:
     """Owns one training run; `Trainer(cfg).fit()` is all train.py does."""
 
-    def __init__(self, cfg: TrainConfig, ctx: Optional[DistContext] = None) -> None:
+    def __init__(self, cfg: TrainConfig, ctx: DistContext | None = None) -> None:
         """Check the options, then build data, model, optimiser and logging; resume --pre_model if given."""
         check_config(cfg)
         pretrained = check_pretrained(cfg)
@@ -288,8 +94,9 @@ class Trainer:
                                     cache_dir=cfg.cache_dir, on_bad=cfg.on_bad)
         replicas = data_parallel_replicas(self.ctx, self.uses_data_parallel)
         if smallest_replica_batch(cfg.batchsize, replicas) < 2:
-            raise TrainingError(f"--batchsize {cfg.batchsize} over {replicas} GPUs (DataParallel) gives one GPU a single "
-                                f"image; BatchNorm needs 2: use --batchsize {2 * replicas} or more, or --device cuda:0")
+            raise TrainingError(f"--batchsize {cfg.batchsize} over {replicas} GPUs (DataParallel) gives one GPU "
+                                f"a single image; BatchNorm needs 2: use --batchsize {2 * replicas} or more, "
+                                "or --device cuda:0")
         self.sampler = EpochSampler(self.dataset, cfg.batchsize, self.ctx, cfg.seed, replicas)
         if self.sampler.batches_per_epoch() == 0:
             raise TrainingError(f"{cfg.train_path}: {len(self.dataset)} usable image(s) give no batch of at least 2 "
@@ -299,7 +106,11 @@ class Trainer:
         self.model = self._build_model(pretrained)
         self.optimizer = AdaXW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
-        resumed_rng = self._load_pre_model() if cfg.pre_model else None
+        resumed_rng = None
+        if cfg.pre_model:
+            resumed = resume(Path(cfg.pre_model), self.model, self.optimizer, self.scaler, cfg.to_dict(),
+                             self.ctx.rank, self.ctx.world_size)
+            self.state, resumed_rng = resumed.state, resumed.rng
         if resumed_rng is not None:
             set_rng_state(resumed_rng)
         else:
@@ -313,7 +124,7 @@ class Trainer:
 
     # ---- setup -------------------------------------------------------------------------------------
 
-    def _build_val_set(self) -> Optional[EvalDataset]:
+    def _build_val_set(self) -> EvalDataset | None:
         """DIS-VD (or any split) for validation on rank 0, when --val_path is given."""
         if not self.cfg.val_path or not self.cfg.val_every or not self.ctx.is_main:
             return None
@@ -355,45 +166,6 @@ class Trainer:
             log.warning("%s already exists and will be overwritten; pass --pre_model %s to resume it instead",
                         self.save_dir / "last.pth", self.save_dir / "last.pth")
         return SummaryWriter(log_dir=str(self.save_dir / "tb"))
-
-    def _load_pre_model(self) -> Optional[dict[str, Any]]:
-        """Resume our own checkpoint fully, or load other weights only; returns the RNG state to restore."""
-        path = Path(self.cfg.pre_model)
-        ckpt = torch_load_weights(path)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
-            load_weights(self.model, extract_state_dict(ckpt, path), str(path))
-            log.info("--pre_model %s: weights only (no training state of this trainer); the run starts at epoch 1",
-                     path)
-            return None
-        load_weights(self.model, strip_wrapper_prefixes(ckpt["model"]), str(path))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scaler.is_enabled() and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = RunState(epoch=int(ckpt["epoch"]), iteration=int(ckpt.get("iteration", 0)),
-                              step=int(ckpt["step"]), best_maxf=float(ckpt.get("best_maxf", -1.0)))
-        self._warn_changed_settings(ckpt)
-        log.info("resuming %s: %d epoch(s) and %d batch(es) done, %d optimiser steps", path, self.state.epoch,
-                 self.state.iteration, self.state.step)
-        return self._rank_rng(ckpt)
-
-    def _warn_changed_settings(self, ckpt: dict[str, Any]) -> None:
-        """Warn when the resumed run's recipe differs from the one it was saved with."""
-        saved = ckpt.get("args", {})
-        now = self.cfg.to_dict()
-        for key in RESUME_SENSITIVE:
-            if key in saved and saved[key] != now[key]:
-                log.warning("resuming with --%s %s (the checkpoint was trained with %s): the run will not "
-                            "match an uninterrupted one", key, now[key], saved[key])
-        if ckpt.get("world_size", 1) != self.ctx.world_size:
-            log.warning("resuming with %d process(es), saved with %d: the data order changes",
-                        self.ctx.world_size, ckpt.get("world_size", 1))
-
-    def _rank_rng(self, ckpt: dict[str, Any]) -> Optional[dict[str, Any]]:
-        """This rank's saved RNG state (each rank's under DDP; rank 0's if the world size changed)."""
-        ranks = ckpt.get("rng_ranks") or [ckpt.get("rng")]
-        if self.ctx.rank < len(ranks) and ranks[self.ctx.rank] is not None:
-            return ranks[self.ctx.rank]
-        return ranks[0]
 
     # ---- the loop ----------------------------------------------------------------------------------
 
@@ -537,12 +309,9 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """maxF and MAE at GT size, as test.py maps P1: bilinear to GT size, sigmoid, min-max, 8 bits."""
-        from py_sod_metrics import MAE, FmeasureHandler, FmeasureV2
-
         model = unwrap_model(self.net)
         model.eval()
-        fm = FmeasureV2({"fm": FmeasureHandler(with_dynamic=True, with_adaptive=False, beta=0.3)})
-        mae = MAE()
+        metrics = ValidationMetrics()
         loader = DataLoader(self.val_set, batch_size=self.cfg.batchsize, num_workers=self.cfg.num_workers,
                             collate_fn=eval_collate)
         for images, masks, _ in tqdm(loader, desc="validation", leave=False, disable=None, file=sys.stderr):
@@ -550,37 +319,18 @@ class Trainer:
             with autocast(self.device, self.cfg.amp):
                 logits = model.predict(images)
             for logit, mask in zip(logits, masks):
-                pred = logits_to_map(logit, mask.shape)
-                fm.step(pred=pred, gt=mask)
-                mae.step(pred=pred, gt=mask)
+                metrics.step(logits_to_map(logit, mask.shape), mask)
         model.train()
-        return {"maxF": float(fm.get_results()["fm"]["dynamic"].max()), "MAE": float(mae.get_results()["mae"])}
-
-    # ---- checkpoints -------------------------------------------------------------------------------
-
-    def checkpoint(self, rng_ranks: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """The full training state as saved in last.pth (format fsanet-train-v1)."""
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model": unwrap_model(self.net).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": self.state.epoch,
-            "iteration": self.state.iteration,
-            "step": self.state.step,
-            "best_maxf": self.state.best_maxf,
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_ranks[0],
-            "rng_ranks": list(rng_ranks),
-            "world_size": self.ctx.world_size,
-            "args": self.cfg.to_dict(),
-        }
+        return metrics.get_results()
 
     def save(self, name: str) -> Path:
         """Write <save_dir>/<name> atomically from rank 0 (every rank contributes its RNG state)."""
         rng_ranks = all_gather_objects(rng_state(), self.ctx)
         path = self.save_dir / name
         if self.ctx.is_main:
-            atomic_torch_save(self.checkpoint(rng_ranks), path)
+            checkpoint = training_checkpoint(unwrap_model(self.net), self.optimizer, self.scaler, self.state,
+                                             rng_ranks, self.cfg.to_dict())
+            save_checkpoint(checkpoint, path)
             log.info("saved %s (epoch %d, step %d)", path, self.state.epoch, self.state.step)
         return path
 
@@ -592,12 +342,3 @@ class Trainer:
         if len(set(digests)) != 1:
             raise TrainingError(f"DDP replicas diverged: parameter sha256 per rank {digests}")
         log.info("parameter sha256 per rank: %s; identical on all %d ranks", " ".join(digests), self.ctx.world_size)
-
-
-def configure_logging(ctx: DistContext, level: int = logging.INFO) -> None:
-    """Log to stderr: INFO on rank 0, warnings and errors only on the other ranks."""
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if ctx.is_main else \
-        f"%(asctime)s [rank {ctx.rank}] %(levelname)s %(name)s: %(message)s"
-    level = level if ctx.is_main else logging.WARNING
-    logging.basicConfig(level=level, format=fmt)  # keeps handlers already installed (e.g. by pytest)
-    logging.getLogger().setLevel(level)

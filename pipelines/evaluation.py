@@ -16,34 +16,31 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import tempfile
-import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 import skimage
-from skimage import morphology
 from tqdm import tqdm
 
 from utils.atomic import atomic_path
-from utils.dis5k import EVAL_SPLITS, SPLIT_LAYOUTS, TE_MEAN_ROW, TE_SUBSETS
+from utils.dis5k import EVAL_SPLITS, TE_MEAN_ROW, TE_SUBSETS, expected_folders, split_folders
+from utils.errors import FSANetError, listing
 from utils.imageio import ImageReadError, list_images, read_mask, write_png
 from utils.metrics import ALL_METRICS, BINARY_THRESHOLD, FIELD_METRICS, DISMetrics, gt_skeleton, image_summary
 
 logger = logging.getLogger(__name__)
 
-GT_FOLDERS: tuple[str, ...] = tuple(gt for _, gt in SPLIT_LAYOUTS)  # gt/, then the release's GT/
 LOWER_IS_BETTER = frozenset({"MAE", "HCE"})
 # Part of every cache key: a different skeletonisation (or skimage version) never reuses old entries.
 _SKELETON_TAG = f"skimage {skimage.__version__} skeletonize(gt > {BINARY_THRESHOLD}) v1".encode()
-_MAX_LISTED = 10
 
 
-class EvalError(Exception):
+class EvalError(FSANetError):
     """A user error (missing folder or file, unreadable image); the message is one line naming it."""
 
 
@@ -109,20 +106,14 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def _listing(items: Sequence[str], sep: str = ", ") -> str:
-    """The first few items on one line, with a count of the rest."""
-    shown = sep.join(items[:_MAX_LISTED])
-    return shown + (f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
-
-
 def find_gt_dir(dataset_dir: Path) -> Path:
     """The `gt/` (or `GT/`) folder of a dataset; EvalError when there is none."""
     if not dataset_dir.is_dir():
         raise EvalError(f"dataset folder not found: {dataset_dir} (check --gt_root and --datasets)")
-    for name in GT_FOLDERS:
-        if (dataset_dir / name).is_dir():
-            return dataset_dir / name
-    raise EvalError(f"no ground-truth folder in {dataset_dir}: expected {' or '.join(GT_FOLDERS)}/ inside it")
+    found = split_folders(dataset_dir, images=False)
+    if found is None:
+        raise EvalError(f"no ground-truth folder in {dataset_dir}: expected {expected_folders(images=False)} inside it")
+    return found[1]
 
 
 def pair_predictions(name: str, gt_root: Path, pred_root: Path, cache_dir: Path | None) -> list[ImageTask]:
@@ -138,12 +129,12 @@ def pair_predictions(name: str, gt_root: Path, pred_root: Path, cache_dir: Path 
     missing = [task.pred.name for task in tasks if not task.pred.is_file()]
     if missing:
         raise EvalError(f"{name}: {len(missing)} of {len(tasks)} predictions missing in {pred_dir}: "
-                        f"{_listing(missing)} (run test.py for {name} or check --pred_root)")
+                        f"{listing(missing)} (run test.py for {name} or check --pred_root)")
     stems = {task.stem for task in tasks}
     extra = [p.name for p in list_images(pred_dir) if p.stem not in stems or p.suffix != ".png"]
     if extra:
         logger.info("%s: ignoring %d file(s) in %s that match no GT as <stem>.png: %s",
-                    name, len(extra), pred_dir, _listing(extra))
+                    name, len(extra), pred_dir, listing(extra))
     return tasks
 
 
@@ -246,13 +237,13 @@ def evaluate_dataset(name: str, tasks: Sequence[ImageTask], mapper: Callable, pr
         if result.cache_error is not None:
             cache_errors.add(result.cache_error)
     if unreadable:
-        raise EvalError(f"{name}: {len(unreadable)} unreadable image(s): {_listing(unreadable, '; ')}")
+        raise EvalError(f"{name}: {len(unreadable)} unreadable image(s): {listing(unreadable, sep='; ')}")
     if resized:
         logger.warning("%s: %d prediction(s) differ in size from their GT and were resized to it (bilinear): %s",
-                       name, len(resized), _listing(resized))
+                       name, len(resized), listing(resized))
     if cache_errors:
         logger.warning("%s: could not write the HCE skeleton cache (%s); evaluation went on without it",
-                       name, _listing(sorted(cache_errors), "; "))
+                       name, listing(sorted(cache_errors), sep="; "))
     return DatasetResult(name, metrics.get_results(), metrics.curves(), images)
 
 
@@ -371,72 +362,9 @@ def write_outputs(config: EvalConfig, results: dict[str, DatasetResult], rows: d
             raise EvalError(f"cannot write {path}: {e}") from e
 
 
-def run(config: EvalConfig) -> str:
+def run_evaluation(config: EvalConfig) -> str:
     """Evaluate, write the requested files and return the Markdown table of config.metrics."""
     results = evaluate(config.pred_root, config.gt_root, config.datasets, config.workers, config.cache_dir)
     rows = summary_rows(results)
     write_outputs(config, results, rows)
     return markdown_table(rows, config.metrics, config.digits)
-
-
-def _synthetic_pair(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """A DIS-like GT (thin lines and solid blobs) and a blurred, shifted, noisy prediction of it."""
-    h, w = size
-    gt = np.zeros((h, w), np.uint8)
-    for _ in range(40):
-        p, q = rng.integers(0, (w, h), size=(2, 2))
-        cv2.line(gt, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), 255, int(rng.integers(2, 12)))
-    for _ in range(8):
-        c = rng.integers(0, (w, h))
-        cv2.circle(gt, (int(c[0]), int(c[1])), int(rng.integers(h // 50, h // 6)), 255, -1)
-    pred = cv2.GaussianBlur(gt, (0, 0), 3).astype(np.float32) + rng.normal(0, 20, (h, w)).astype(np.float32)
-    pred = cv2.warpAffine(pred, np.float32([[1, 0, 3], [0, 1, -2]]), (w, h))
-    return gt, np.clip(pred, 0, 255).astype(np.uint8)
-
-
-def _plain_loop(tasks: Sequence[ImageTask]) -> dict[str, Any]:
-    """The reference way: read with OpenCV, step each PySODMetrics class, the authors' HCE with a fresh skeleton."""
-    metrics = DISMetrics()
-    for task in tasks:
-        gt = cv2.imread(str(task.gt), cv2.IMREAD_GRAYSCALE)
-        pred = cv2.imread(str(task.pred), cv2.IMREAD_GRAYSCALE)
-        for metric in (metrics.fmeasure, metrics.emeasure, metrics.smeasure, metrics.wfmeasure, metrics.mae):
-            metric.step(pred, gt)
-        metrics.hce.step(pred, gt, morphology.skeletonize(gt > BINARY_THRESHOLD))
-    return metrics.get_results()
-
-
-def benchmark_eval(n_images: int, size: tuple[int, int] = (2500, 3400), workers: int | None = None,
-                   seed: int = 0) -> dict[str, Any]:
-    """Images/s of a plain PySODMetrics + authors' HCE loop and of this evaluator (cold, warm skeleton cache).
-
-    `size` is (height, width) of the synthetic GT/prediction pairs, written to a temporary folder.
-    `identical` says whether all three produced the same numbers.
-    """
-    workers = workers or default_workers()
-    rng = np.random.default_rng(seed)
-    with tempfile.TemporaryDirectory(prefix="fsanet_eval_bench_") as tmp:
-        root = Path(tmp)
-        (root / "gt" / "bench" / "gt").mkdir(parents=True)
-        (root / "pred" / "bench").mkdir(parents=True)
-        for i in range(n_images):
-            gt, pred = _synthetic_pair(rng, size)
-            cv2.imwrite(str(root / "gt" / "bench" / "gt" / f"{i:04d}.png"), gt)
-            cv2.imwrite(str(root / "pred" / "bench" / f"{i:04d}.png"), pred)
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
-        baseline = _plain_loop(pair_predictions("bench", root / "gt", root / "pred", None))
-        timings["baseline"] = time.perf_counter() - start
-        outputs = {}
-        for run_name in ("cold", "warm"):
-            start = time.perf_counter()
-            outputs[run_name] = evaluate(root / "pred", root / "gt", ["bench"], workers, root / "cache",
-                                         progress=False)["bench"].metrics
-            timings[run_name] = time.perf_counter() - start
-    ips = {name: n_images / seconds for name, seconds in timings.items()}
-    return {
-        "n_images": n_images, "size": tuple(size), "workers": workers,
-        "baseline_images_per_s": ips["baseline"], "cold_images_per_s": ips["cold"], "warm_images_per_s": ips["warm"],
-        "cold_speedup": ips["cold"] / ips["baseline"], "warm_speedup": ips["warm"] / ips["baseline"],
-        "identical": baseline == outputs["cold"] == outputs["warm"],
-    }

@@ -13,8 +13,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch
 from lib import FSANet
 from utils.atomic import atomic_torch_save
 from utils.dis5k import EVAL_SPLITS
+from utils.errors import RunError
 from utils.metrics import FIELD_METRICS
 from utils.synthetic import generate_dataset
 
@@ -41,19 +42,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trainsize", type=int, default=128, help="training size (the release trains at 736)")
     p.add_argument("--testsize", type=int, default=128, help="test size (the release tests at 992)")
     p.add_argument("--epoch", type=int, default=10, help="training epochs (the last runs at lr 0, as released)")
-    p.add_argument("--batchsize", type=int, default=4, help="images per batch")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdaXW learning rate (higher than the release's 2e-4: no pretraining)")
+    p.add_argument("--batchsize", "--batch_size", dest="batchsize", type=int, default=4, help="images per batch")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="AdaXW learning rate (higher than the release's 2e-4: no pretraining)")
     p.add_argument("--rates", type=float, nargs="+", default=[1.0], help="multi-scale rates (release: 0.75 1 1.25)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initial weights and training")
     p.add_argument("--device", default="auto", help="auto (GPU when present, else CPU), cpu or cuda")
     return p.parse_args(argv)
 
 
-def run(*args: str) -> None:
+def run_script(*args: str) -> None:
     """Run one of the project's scripts with this interpreter; stop the demo if it fails."""
     cmd = [sys.executable, *args]
     log.info("$ %s", " ".join(cmd[1:]))
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    done = subprocess.run(cmd, cwd=ROOT)
+    if done.returncode:
+        raise RunError(f"the demo stopped: `{' '.join(cmd[1:])}` exited with status {done.returncode} "
+                       "(its messages are above)")
 
 
 def save_initial_weights(path: Path, seed: int) -> Path:
@@ -66,10 +71,10 @@ def save_initial_weights(path: Path, seed: int) -> Path:
 def predict_and_evaluate(weights: Path, data: Path, maps: Path, args: argparse.Namespace) -> dict:
     """test.py then eval.py on every test split; returns eval.py's JSON."""
     device = ["--device", args.device] if args.device != "auto" else []
-    run("test.py", "--pth_path", str(weights), "--data_root", str(data), "--save_root", str(maps),
+    run_script("test.py", "--pth_path", str(weights), "--data_root", str(data), "--save_root", str(maps),
         "--testsize", str(args.testsize), "--datasets", *DATASETS, *device)
     metrics = maps / "metrics.json"
-    run("eval.py", "--pred_root", str(maps), "--gt_root", str(data), "--datasets", *DATASETS,
+    run_script("eval.py", "--pred_root", str(maps), "--gt_root", str(data), "--datasets", *DATASETS,
         "--save_json", str(metrics), "--no_cache")
     return json.loads(metrics.read_text())
 
@@ -86,7 +91,7 @@ def comparison_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def save_picture(data: Path, before: Path, after: Path, path: Path, per_split: int = 2, tile: int = 160) -> Path:
+def save_picture(data: Path, before: Path, after: Path, path: Path, per_split: int = 2) -> Path:
     """A grid: image | ground truth | untrained | trained, two test images from each split."""
     import matplotlib
 
@@ -100,7 +105,8 @@ def save_picture(data: Path, before: Path, after: Path, path: Path, per_split: i
     for r, (split, image) in enumerate(rows):
         stem = image.stem
         panels = [np.asarray(read_rgb(image)), np.asarray(read_mask(data / split / "gt" / f"{stem}.png")),
-                  np.asarray(read_mask(before / split / f"{stem}.png")), np.asarray(read_mask(after / split / f"{stem}.png"))]
+                  np.asarray(read_mask(before / split / f"{stem}.png")),
+                  np.asarray(read_mask(after / split / f"{stem}.png"))]
         for c, (panel, title) in enumerate(zip(panels, ["image", "ground truth", "untrained", "trained"])):
             ax = axes[r, c]
             ax.imshow(panel, cmap=None if panel.ndim == 3 else "gray", vmin=0, vmax=255)
@@ -130,7 +136,8 @@ def run_demo(args: argparse.Namespace) -> str:
     generate_dataset(data, seed=args.seed, size=args.size, n_train=args.n_train, n_val=args.n_test, n_test=args.n_test)
     initial = save_initial_weights(out / "untrained.pth", args.seed)
     before = predict_and_evaluate(initial, data, out / "maps_untrained", args)
-    run("train.py", "--train_path", str(data / "DIS-TR"), "--save_root", str(out.parent), "--train_save", out.name,
+    run_script("train.py", "--train_path", str(data / "DIS-TR"), "--save_root", str(out.parent),
+        "--train_save", out.name,
         "--pre_model", str(initial), "--no_pretrained", "--epoch", str(args.epoch), "--batchsize", str(args.batchsize),
         "--trainsize", str(args.trainsize), "--lr", str(args.lr), "--rates", *map(str, args.rates),
         "--seed", str(args.seed), "--device", args.device, "--num_workers", "0", "--hflip")

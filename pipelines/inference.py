@@ -7,14 +7,13 @@ size (align_corners=False), sigmoid, per-image min-max, `x * 255` rounded to uin
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -26,17 +25,17 @@ from tqdm import tqdm
 from lib import FSANet, load_checkpoint
 from lib.fast import optimize_for_inference
 from utils.data import image_tensor
-from utils.dis5k import SPLIT_LAYOUTS
-from utils.distributed import DeviceError, resolve_device
+from utils.device import AMP_CHOICES, amp_dtype, autocast
+from utils.dis5k import expected_folders, split_folders
+from utils.errors import FSANetError
 from utils.imageio import IMAGE_EXTENSIONS, ImageReadError, image_size, list_images, read_rgb, write_png
 
 log = logging.getLogger(__name__)
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_MAX_EPS = 1e-8  # the release's `(x - min) / (max - min + 1e-8)`
 
 
-class InferenceError(Exception):
+class InferenceError(FSANetError):
     """A problem with the inference inputs or options; the message names the cause and the fix."""
 
 
@@ -48,7 +47,7 @@ class InferenceOptions:
     device: torch.device = torch.device("cpu")
     batch_size: int = 1
     num_workers: int = 0
-    amp: str | None = None
+    amp: str = "none"
     fast_decode: bool = False
     skip_existing: bool = False
 
@@ -80,7 +79,7 @@ class InferenceSummary:
 
 
 @dataclass
-class Sample:
+class LoadedImage:
     """One decoded, resized and normalised image, or the reason it could not be read."""
 
     index: int
@@ -96,19 +95,10 @@ class Batch:
     indices: list[int]
     images: torch.Tensor | None
     sizes: list[tuple[int, int]]
-    failures: list[Sample]
+    failures: list[LoadedImage]
 
     def __len__(self) -> int:
-        """Number of images in the batch, readable or not."""
         return len(self.indices) + len(self.failures)
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else CPU; any other name is checked (utils.distributed.resolve_device)."""
-    try:
-        return resolve_device(name)
-    except DeviceError as e:
-        raise InferenceError(str(e)) from None
 
 
 def check_options(options: InferenceOptions) -> None:
@@ -119,11 +109,11 @@ def check_options(options: InferenceOptions) -> None:
         raise InferenceError(f"--batch_size {options.batch_size}: must be at least 1")
     if options.num_workers < 0:
         raise InferenceError(f"--num_workers {options.num_workers}: must be 0 or more")
-    if options.amp is not None and options.amp not in AMP_DTYPES:
-        raise InferenceError(f"--amp {options.amp}: choose one of {', '.join(AMP_DTYPES)}")
+    if options.amp not in AMP_CHOICES:
+        raise InferenceError(f"--amp {options.amp}: choose one of {', '.join(AMP_CHOICES)}")
     if options.amp == "fp16" and options.device.type == "cpu":
-        # Measured: CPU fp16 convolutions run ~30x slower than fp32, bf16 ones faster.
-        raise InferenceError("--amp fp16: CPU has no fast fp16 kernels (about 30x slower than fp32); "
+        # CPU fp16 convolutions run many times slower than fp32 (benchmark.py), bf16 ones faster.
+        raise InferenceError("--amp fp16: the CPU has no fast fp16 kernels (many times slower than fp32); "
                              "use --amp bf16 on CPU")
 
 
@@ -151,11 +141,11 @@ def split_image_dir(split: Path) -> Path:
     """The image folder of a DIS5K split (`im/`, or the release's `Imgs/`); masks are not needed here."""
     if not split.is_dir():
         raise InferenceError(f"{split}: split folder not found; check --data_root and --datasets")
-    for image_name, _ in SPLIT_LAYOUTS:
-        if (split / image_name).is_dir():
-            return split / image_name
-    names = " or ".join(f"{image_name}/" for image_name, _ in SPLIT_LAYOUTS)
-    raise InferenceError(f"{split}: no image folder {names} inside it; use --input DIR for a plain folder")
+    found = split_folders(split, masks=False)
+    if found is None:
+        raise InferenceError(f"{split}: no image folder {expected_folders(masks=False)} inside it; "
+                             "use --input DIR for a plain folder")
+    return found[0]
 
 
 def dis5k_jobs(data_root: str | os.PathLike, datasets: Sequence[str], save_root: str | os.PathLike) -> list[Job]:
@@ -169,15 +159,15 @@ def dis5k_jobs(data_root: str | os.PathLike, datasets: Sequence[str], save_root:
 
 
 def load_model(pth_path: str | os.PathLike, freq_encoder: str, device: torch.device,
-               amp: str | None = None) -> nn.Module:
+               amp: str = "none") -> nn.Module:
     """FSANet with the checkpoint's weights, on `device`, prepared for inference (for `amp` too)."""
     model = FSANet(freq_encoder=freq_encoder)
     load_checkpoint(model, pth_path)
-    return optimize_for_inference(model.to(device), autocast_dtype=AMP_DTYPES[amp] if amp else None)
+    return optimize_for_inference(model.to(device), autocast_dtype=amp_dtype(amp))
 
 
 class ImageListDataset(Dataset):
-    """Reads, resizes and normalises images; an unreadable file becomes a Sample with an error."""
+    """Reads, resizes and normalises images; an unreadable file becomes a LoadedImage with an error."""
 
     def __init__(self, paths: Sequence[Path], testsize: int, fast_decode: bool = False) -> None:
         """Images `paths`, resized to `testsize` square; `fast_decode` allows reduced JPEG decoding."""
@@ -186,10 +176,9 @@ class ImageListDataset(Dataset):
         self.fast_decode = fast_decode
 
     def __len__(self) -> int:
-        """Number of images."""
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, index: int) -> LoadedImage:
         """The model input and file size of image `index`, or why it cannot be read."""
         path = self.paths[index]
         try:
@@ -197,11 +186,11 @@ class ImageListDataset(Dataset):
             # Reduced JPEG decoding shrinks the decoded image; the map keeps the file's own size.
             width, height = image_size(path) if self.fast_decode else image.size
         except ImageReadError as e:
-            return Sample(index, None, (0, 0), str(e))
-        return Sample(index, image_tensor(image, self.testsize, exact=not self.fast_decode), (height, width))
+            return LoadedImage(index, None, (0, 0), str(e))
+        return LoadedImage(index, image_tensor(image, self.testsize, exact=not self.fast_decode), (height, width))
 
 
-def collate_samples(samples: list[Sample]) -> Batch:
+def collate_samples(samples: list[LoadedImage]) -> Batch:
     """Stack the readable samples (all testsize square) and keep the failures apart."""
     ok = [s for s in samples if s.error is None]
     return Batch(
@@ -210,13 +199,6 @@ def collate_samples(samples: list[Sample]) -> Batch:
         sizes=[s.size for s in ok],
         failures=[s for s in samples if s.error is not None],
     )
-
-
-def autocast(device: torch.device, amp: str | None) -> ContextManager:
-    """Mixed precision when `amp` names a dtype (bf16, fp16), else (None or "none") a no-op."""
-    if amp is None or amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
 def logits_to_map(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

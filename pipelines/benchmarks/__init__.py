@@ -1,0 +1,1 @@
+"""The measurements behind benchmark.py: model speed and memory, data loading, evaluation speed."""

@@ -1,0 +1,115 @@
+"""Training checkpoints and resume: the file format, what it holds, and how a run picks up from it.
+
+`last.pth` holds the full state (weights, AdaXW moments, epoch, batch and step counters, best maxF,
+GradScaler, every rank's RNG states, the run's options), so a run resumed from it ends with the same
+weights as one that never stopped. Other files given to --pre_model (the release's FSANet-100.pth, bare
+state dicts) only initialise the weights.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lib.checkpoint import extract_state_dict, load_weights, strip_wrapper_prefixes, torch_load_weights
+from utils.atomic import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "fsanet-train-v1"
+# Settings that change the data order or the schedule; resuming with other values is allowed but warned.
+RESUME_SENSITIVE = ("epoch", "lr", "batchsize", "trainsize", "rates", "seed", "clip", "weight_decay",
+                    "weighted_bce", "hflip", "amp")
+
+
+@dataclass
+class RunState:
+    """Where the run is: epochs completed, batches done in the next epoch, optimiser steps, best maxF."""
+
+    epoch: int = 0
+    iteration: int = 0
+    step: int = 0
+    best_maxf: float = -1.0
+
+
+@dataclass
+class Resumed:
+    """What a --pre_model file gave the run: its state, and this rank's RNG state to restore (None: weights only)."""
+
+    state: RunState
+    rng: dict[str, Any] | None
+
+
+def training_checkpoint(model: nn.Module, optimizer: Optimizer, scaler: torch.amp.GradScaler, state: RunState,
+                        rng_ranks: Sequence[dict[str, Any]], args: dict[str, Any]) -> dict[str, Any]:
+    """The full training state as saved in last.pth (format fsanet-train-v1)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": state.epoch,
+        "iteration": state.iteration,
+        "step": state.step,
+        "best_maxf": state.best_maxf,
+        "scaler": scaler.state_dict(),
+        "rng": rng_ranks[0],
+        "rng_ranks": list(rng_ranks),
+        "world_size": len(rng_ranks),
+        "args": args,
+    }
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
+    """Write a checkpoint atomically: a crash mid-write keeps the previous file whole."""
+    atomic_torch_save(checkpoint, path)
+
+
+def is_training_checkpoint(ckpt: Any) -> bool:
+    """True for our own full-state checkpoints (resumable), False for weights-only files."""
+    return isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT and "optimizer" in ckpt
+
+
+def resume(path: Path, model: nn.Module, optimizer: Optimizer, scaler: torch.amp.GradScaler,
+           args: dict[str, Any], rank: int, world_size: int) -> Resumed:
+    """Load --pre_model: our checkpoint resumes fully, any other weights file initialises the weights only."""
+    ckpt = torch_load_weights(path)
+    if not is_training_checkpoint(ckpt):
+        load_weights(model, extract_state_dict(ckpt, path), str(path))
+        log.info("--pre_model %s: weights only (no training state of this trainer); the run starts at epoch 1", path)
+        return Resumed(RunState(), None)
+    load_weights(model, strip_wrapper_prefixes(ckpt["model"]), str(path))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    state = RunState(epoch=int(ckpt["epoch"]), iteration=int(ckpt.get("iteration", 0)), step=int(ckpt["step"]),
+                     best_maxf=float(ckpt.get("best_maxf", -1.0)))
+    warn_changed_settings(ckpt, args, world_size)
+    log.info("resuming %s: %d epoch(s) and %d batch(es) done, %d optimiser steps", path, state.epoch,
+             state.iteration, state.step)
+    return Resumed(state, rank_rng(ckpt, rank))
+
+
+def warn_changed_settings(ckpt: dict[str, Any], args: dict[str, Any], world_size: int) -> None:
+    """Warn when the resumed run's recipe differs from the one it was saved with."""
+    saved = ckpt.get("args", {})
+    for key in RESUME_SENSITIVE:
+        if key in saved and saved[key] != args[key]:
+            log.warning("resuming with --%s %s (the checkpoint was trained with %s): the run will not "
+                        "match an uninterrupted one", key, args[key], saved[key])
+    if ckpt.get("world_size", 1) != world_size:
+        log.warning("resuming with %d process(es), saved with %d: the data order changes",
+                    world_size, ckpt.get("world_size", 1))
+
+
+def rank_rng(ckpt: dict[str, Any], rank: int) -> dict[str, Any] | None:
+    """This rank's saved RNG state (each rank's under DDP; rank 0's if the world size changed)."""
+    ranks = ckpt.get("rng_ranks") or [ckpt.get("rng")]
+    if rank < len(ranks) and ranks[rank] is not None:
+        return ranks[rank]
+    return ranks[0]

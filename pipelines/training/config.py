@@ -1,0 +1,110 @@
+"""A training run's configuration (train.py's flags) and the checks made before any work."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from utils.device import AMP_CHOICES
+from utils.errors import FSANetError, RunError
+
+
+class TrainingError(FSANetError):
+    """A training setup problem; the message names the cause and the fix."""
+
+
+class NonFiniteLossError(RunError):
+    """The loss became NaN or infinite; nothing of the broken state was saved."""
+
+
+@dataclass
+class TrainConfig:
+    """Every training option; field names are train.py's flag names (the release's where it had one)."""
+
+    train_path: str = "data/DIS5K/DIS-TR"
+    train_save: str = "FSANet"
+    save_root: str = "checkpoints"
+    epoch: int = 200
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    batchsize: int = 8
+    trainsize: int = 736
+    clip: float = 0.5
+    rates: tuple[float, ...] = (0.75, 1.0, 1.25)
+    weighted_bce: bool = False
+    freq_encoder: str = "resnet50"
+    drop_path_rate: float = 0.1
+    pre_model: str | None = None
+    pvt_path: str | None = "checkpoints/pvt_v2_b2.pth"
+    resnet_path: str | None = "checkpoints/resnet50-0676ba61.pth"
+    res2net_path: str | None = "checkpoints/res2net50_v1b_26w_4s-3cf99910.pth"
+    no_pretrained: bool = False
+    device: str = "auto"
+    backend: str = "auto"
+    num_workers: int = 4
+    seed: int = 0
+    hflip: bool = False
+    fast_decode: bool = False
+    cache_dir: str | None = None
+    on_bad: str = "skip"
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    save_every: int = 5
+    save_iters: int = 0
+    val_path: str | None = None
+    val_every: int = 1
+    val_size: int = 992
+    stop_after_epoch: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for the checkpoint's "args" (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Reject option values the recipe cannot run with, naming the flag."""
+    problems = []
+    if cfg.epoch < 1:
+        problems.append(f"--epoch {cfg.epoch}: must be at least 1")
+    if cfg.batchsize < 2:
+        problems.append(f"--batchsize {cfg.batchsize}: must be at least 2 (BatchNorm cannot train on one image)")
+    if cfg.trainsize < 32:
+        problems.append(f"--trainsize {cfg.trainsize}: must be at least 32")
+    if any(scaled_size(cfg.trainsize, r) < 32 for r in cfg.rates) or not cfg.rates:
+        problems.append(f"--rates {cfg.rates}: every trainsize*rate must round to at least 32")
+    if cfg.val_size % 32 or cfg.val_size < 32:
+        problems.append(f"--val_size {cfg.val_size}: must be a positive multiple of 32")
+    if cfg.amp not in AMP_CHOICES:
+        problems.append(f"--amp {cfg.amp}: choose {', '.join(AMP_CHOICES)}")
+    if cfg.on_bad not in ("skip", "error"):
+        problems.append(f"--on_bad {cfg.on_bad}: choose skip or error")
+    if cfg.stop_after_epoch is not None and cfg.stop_after_epoch < 1:
+        problems.append(f"--stop_after_epoch {cfg.stop_after_epoch}: must be at least 1")
+    if min(cfg.save_every, cfg.save_iters, cfg.val_every, cfg.num_workers) < 0:
+        problems.append("--save_every, --save_iters, --val_every and --num_workers must be 0 or more")
+    if problems:
+        raise TrainingError("; ".join(problems))
+
+
+def check_pretrained(cfg: TrainConfig) -> dict[str, str]:
+    """The encoder weight files to load, or an error naming each missing one (unless --no_pretrained)."""
+    if cfg.no_pretrained or cfg.pre_model:
+        return {}
+    wanted = {"pvt_path": cfg.pvt_path,
+              "resnet_path" if cfg.freq_encoder == "resnet50" else "res2net_path":
+                  cfg.resnet_path if cfg.freq_encoder == "resnet50" else cfg.res2net_path}
+    missing = [f"--{flag} {path}" if path else f"--{flag} (not given)"
+               for flag, path in wanted.items() if not path or not Path(path).is_file()]
+    if missing:
+        raise TrainingError(f"pretrained encoder weights not found: {', '.join(missing)}. Pass the ImageNet "
+                            "weight files (see README), or --no_pretrained to train from random weights.")
+    return {k: str(v) for k, v in wanted.items()}
+
+
+def scaled_size(trainsize: int, rate: float) -> int:
+    """The release's multi-scale size: round(trainsize * rate / 32) * 32."""
+    return int(round(trainsize * rate / 32) * 32)
+
+

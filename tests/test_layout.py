@@ -1,0 +1,36 @@
+"""The layout the README describes: leaves (lib/, utils/) never import a pipeline; no module outgrows one idea."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+LEAF_PACKAGES = ("lib", "utils")
+MAX_LINES = 450
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module name an `import` or `from ... import` of `path` names."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package", LEAF_PACKAGES)
+def test_leaves_never_import_pipelines(package):
+    offenders = {str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p) if m.split(".")[0] == "pipelines")
+                 for p in sorted((ROOT / package).rglob("*.py"))}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_no_source_module_is_over_the_size_of_one_idea():
+    sources = [p for p in ROOT.rglob("*.py") if p.relative_to(ROOT).parts[0] not in (".venv", "tests")]
+    assert sources
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in sources}
+    assert not {k: n for k, n in sizes.items() if n > MAX_LINES}

@@ -47,7 +47,10 @@ class FrequencyFilter(nn.Module):
         if cached is None or cached[0] != stamp:
             radius = float(self.radius.detach().cpu())
             if cached is None or cached[1] != radius:
-                cached = (stamp, radius, highpass_mask(height, width, radius, device))
+                # Never an inference tensor: a mask first built under torch.inference_mode could not be
+                # saved for backward by a later forward that needs gradients.
+                with torch.inference_mode(False):
+                    cached = (stamp, radius, highpass_mask(height, width, radius, device))
             else:
                 cached = (stamp, radius, cached[2])
             self._masks[key] = cached

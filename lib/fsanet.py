@@ -20,6 +20,10 @@ RGB_CHANNELS = (64, 128, 320, 512)
 FREQ_CHANNELS = (256, 512, 1024, 2048)
 # HCF inputs: x1 (1/4), x21 (1/8), x32 (1/16), x43 (1/32).
 HCF_CHANNELS = (64, 512, 2816, 4864)
+# Parameters the release declares but whose value never reaches the loss: the filter radius (the mask is
+# built with torch.where) and modules it never calls. They are frozen so that nothing writes them: under
+# DataParallel their missing gradients would otherwise become zeros, and AdaXW would decay them.
+NEVER_USED = ("frequency.radius", "sff.bn_out", "head.conv_up2", "head.conv_up3", "head.conv_up4")
 
 
 class FSANet(nn.Module):
@@ -41,6 +45,13 @@ class FSANet(nn.Module):
         # Layout of the features that several convolutions read; optimize_for_inference sets
         # channels_last so each is converted once instead of once per reading convolution.
         self.memory_format = torch.contiguous_format
+        for name in self.never_used_parameters():
+            self.get_parameter(name).requires_grad_(False)
+
+    def never_used_parameters(self) -> list[str]:
+        """Names of the parameters under NEVER_USED (frozen; the state dict keeps them)."""
+        return [name for name, _ in self.named_parameters()
+                if any(name == n or name.startswith(n + ".") for n in NEVER_USED)]
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Frequency image, both encoders and MF: the four fused features and the frequency image."""

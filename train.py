@@ -91,13 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("devices and speed")
     g.add_argument("--device", default=d.device,
                    help="auto (every visible GPU via DataParallel, else CPU), cpu, cuda or cuda:N; under "
-                        "torchrun each process takes cuda:LOCAL_RANK")
+                        "torchrun each process takes cuda:LOCAL_RANK (cuda:0 when it sees one GPU)")
     g.add_argument("--backend", default=d.backend, choices=("auto", "nccl", "gloo"),
                    help="DDP backend under torchrun (auto: nccl on GPUs, gloo on CPU)")
     g.add_argument("--amp", choices=AMP_CHOICES, default=d.amp,
-                   help="mixed precision (fp16 uses a GradScaler, saved in checkpoints); release: none")
+                   help="mixed precision (fp16 uses a GradScaler, saved in checkpoints), in every DataParallel "
+                        "replica too; release: none")
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (three shapes: one per rate)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (three shapes: one per rate); "
+                   "refused with DataParallel, whose replicas it cannot compile: use torchrun")
 
     g = p.add_argument_group("checkpoints, validation, stopping")
     g.add_argument("--save_root", default=d.save_root, help="folder holding the run folders (release: checkpoints)")

@@ -12,7 +12,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,14 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.indices) + len(self.failures)
+
+    def pin_memory(self) -> Batch:
+        """This batch with its images in pinned memory; the DataLoader calls it when pin_memory=True.
+
+        Without it torch's pin_memory returns the dataclass unchanged and the non_blocking copy to the
+        GPU is synchronous.
+        """
+        return replace(self, images=None if self.images is None else self.images.pin_memory())
 
 
 def check_options(options: InferenceOptions) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from utils.device import resolve_device
+from utils.device import AutocastForward, amp_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -111,25 +111,30 @@ def smallest_replica_batch(batch: int, replicas: int) -> int:
     return batch - chunk * (-(-batch // chunk) - 1)
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, data_parallel: bool = True) -> nn.Module:
-    """DDP under torchrun; else DataParallel over every visible GPU (as the release) when allowed; else bare."""
+def wrap_model(model: nn.Module, ctx: DistContext, data_parallel: bool = True, amp: str | None = None) -> nn.Module:
+    """DDP under torchrun; else DataParallel over every visible GPU (as the release) when allowed; else bare.
+
+    Under DataParallel with --amp the model is wrapped in AutocastForward first, so every replica
+    computes in the requested dtype (see AutocastForward); unwrap_model removes both.
+    """
     if ctx.distributed:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         # PVT's depthwise convs have weights with a size-1 dim whose stride differs from the grad's;
         # DDP warns about it on every backward although the layouts are equivalent.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        # frequency.radius (and the release's unused head convs) never get a gradient; DDP must not wait for them.
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        # The parameters that never get a gradient (lib.fsanet.NEVER_USED) are frozen: DDP need not search.
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if data_parallel_replicas(ctx, data_parallel) > 1:
         log.info("DataParallel over %d GPUs", torch.cuda.device_count())
-        return nn.DataParallel(model)
+        dtype = amp_dtype(amp)
+        return nn.DataParallel(model if dtype is None else AutocastForward(model, ctx.device.type, dtype))
     return model
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model inside a DataParallel/DDP (or torch.compile) wrapper."""
+    """The bare model inside DataParallel/DDP, AutocastForward and torch.compile wrappers."""
     while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel, AutocastForward)):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod

@@ -108,8 +108,13 @@ def warn_changed_settings(ckpt: dict[str, Any], args: dict[str, Any], world_size
 
 
 def rank_rng(ckpt: dict[str, Any], rank: int) -> dict[str, Any] | None:
-    """This rank's saved RNG state (each rank's under DDP; rank 0's if the world size changed)."""
+    """This rank's saved RNG state, or None for a rank the checkpoint has none of (seeded from --seed + rank).
+
+    Handing a new rank another rank's state would make it draw the same drop-path masks as that rank.
+    """
     ranks = ckpt.get("rng_ranks") or [ckpt.get("rng")]
     if rank < len(ranks) and ranks[rank] is not None:
         return ranks[rank]
-    return ranks[0]
+    log.warning("rank %d: the checkpoint holds no RNG state for it (saved with %d process(es)); "
+                "seeding it from --seed + rank instead", rank, len(ranks))
+    return None

@@ -86,6 +86,7 @@ class Trainer:
         self.cfg = cfg
         self.ctx = ctx or init_distributed(cfg.device, cfg.backend)
         self.device = self.ctx.device
+        self._refuse_compiled_data_parallel()
         if cfg.amp == "fp16" and self.device.type == "cpu":
             log.warning("--amp fp16 on the CPU is many times slower than fp32; use --amp bf16 there")
         self.save_dir = Path(cfg.save_root) / cfg.train_save
@@ -148,9 +149,17 @@ class Trainer:
         """A named GPU (--device cuda:N) means that GPU alone; auto/cuda use every visible GPU, as the release."""
         return self.cfg.device in ("auto", "cuda")
 
+    def _refuse_compiled_data_parallel(self) -> None:
+        """--compile with DataParallel: Dynamo cannot trace the replica threads (pytorch issue 94636)."""
+        replicas = data_parallel_replicas(self.ctx, self.uses_data_parallel)
+        if self.cfg.compile and replicas > 1:
+            raise TrainingError(f"--compile with DataParallel over {replicas} GPUs compiles nothing in the replicas; "
+                                f"use torchrun --nproc_per_node {replicas} train.py ... --compile (DDP), "
+                                "or --device cuda:0")
+
     def _wrap(self, model: nn.Module) -> nn.Module:
         """DDP / DataParallel / bare, then torch.compile when asked."""
-        net = wrap_model(model, self.ctx, data_parallel=self.uses_data_parallel)
+        net = wrap_model(model, self.ctx, data_parallel=self.uses_data_parallel, amp=self.cfg.amp)
         if self.cfg.compile:
             net = torch.compile(net)
         return net

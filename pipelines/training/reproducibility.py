@@ -6,6 +6,7 @@ sees the same batches as one that never stopped.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -15,6 +16,8 @@ import torch
 from torch.utils.data import DistributedSampler, Sampler
 
 from utils.distributed import DistContext, smallest_replica_batch
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -46,9 +49,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    if torch.cuda.is_available():
+        set_cuda_rng_states(state.get("cuda") or [])
+
+
+def set_cuda_rng_states(saved: list[torch.Tensor]) -> None:
+    """Restore each GPU's saved state; with another GPU count, warn and restore the states that exist.
+
+    GPUs without a saved state keep the state seed_everything(--seed) gave them.
+    """
+    count = torch.cuda.device_count()
+    if len(saved) != count:
+        log.warning("the checkpoint holds CUDA RNG states of %d GPU(s) and this machine has %d: restoring %d; "
+                    "random draws on the GPU (drop path) will not match an uninterrupted run",
+                    len(saved), count, min(len(saved), count))
+    for index, cuda_state in enumerate(saved[:count]):
+        torch.cuda.set_rng_state(cuda_state, index)
 
 
 def seed_worker(worker_id: int) -> None:

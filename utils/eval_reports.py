@@ -160,8 +160,8 @@ def save_plots(curves: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], tab
     from matplotlib.figure import Figure
 
     written = []
-    for dataset in datasets_of(tables):
-        methods = [m for m in tables if dataset in tables[m]]
+    for dataset in datasets_of(curves):  # evaluated datasets only: the DIS-TE (1-4) row has no curves
+        methods = [m for m in curves if dataset in curves[m]]
         single = len(tables) == 1
         for suffix, xkey, ykey, xlabel, ylabel in (("pr", "recall", "precision", "Recall", "Precision"),
                                                    ("fmeasure", "threshold", "fmeasure", "Threshold",

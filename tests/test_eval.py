@@ -206,8 +206,9 @@ def test_te_row_through_the_command_line(tmp_path: Path, reference_dir: Path, ex
     split = dict(zip(TE_SUBSETS, [STEMS[:1], STEMS[1:3], STEMS[3:5], STEMS[5:]]))
     gt_root, pred_root = make_layout(tmp_path, reference_dir, split)
     proc = run_eval(gt_root, pred_root, "--datasets", *TE_SUBSETS, "--workers", "1", "--no_cache",
-                    "--save_json", str(tmp_path / "m.json"))
+                    "--save_json", str(tmp_path / "m.json"), "--plot_dir", str(tmp_path / "plots"))
     assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 2 * len(TE_SUBSETS)  # no curves for the mean row
     got = json.loads((tmp_path / "m.json").read_text())
     assert list(got) == [*TE_SUBSETS, TE_MEAN_ROW]
     for name in ALL_METRICS:

@@ -1,6 +1,7 @@
 """Evaluate saved prediction maps on DIS5K and print the field's table (maxF, wF, MAE, Sm, meanEm, HCE).
 
 Example: python eval.py --pred_root results/FSANet --gt_root data/DIS5K --save_json results/FSANet/metrics.json
+Comparison: python eval.py --pred_root results/FSANet results/IS-Net Ours=results/run7 --plot_dir results/curves
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from pipelines.evaluation import EvalConfig, default_cache_dir, default_workers, run_evaluation
 from utils.dis5k import EVAL_SPLITS
 from utils.errors import EXIT_OK, run_cli
-from utils.metrics import ALL_METRICS, FIELD_METRICS
+from utils.metrics import ALL_METRICS, BOUNDARY_METRICS, FIELD_METRICS
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -33,8 +34,9 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pred_root", type=Path, default=Path("results/FSANet"),
-                   help="folder with one sub-folder of <stem>.png prediction maps per dataset")
+    p.add_argument("--pred_root", nargs="+", default=["results/FSANet"], metavar="[NAME=]DIR",
+                   help="folder with one sub-folder of <stem>.png prediction maps per dataset; several folders "
+                        "compare several methods, each named by its folder name or NAME")
     p.add_argument("--gt_root", type=Path, default=Path("data/DIS5K"),
                    help="DIS5K root: <gt_root>/<dataset>/gt/<stem>.png (or GT/)")
     p.add_argument("--datasets", nargs="+", default=list(EVAL_SPLITS),
@@ -43,19 +45,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", "--num_workers", dest="workers", type=int_at_least(1), default=default_workers(),
                    help="worker processes evaluating images in parallel (default: all cores)")
     p.add_argument("--cache_dir", type=Path, default=None,
-                   help=f"folder caching GT skeletons for HCE, keyed by GT file content "
-                        f"(default: {default_cache_dir()})")
-    p.add_argument("--no_cache", action="store_true", help="recompute every GT skeleton, read and write no cache")
-    p.add_argument("--metrics", nargs="+", choices=ALL_METRICS, default=list(FIELD_METRICS), metavar="METRIC",
-                   help=f"table columns, any of {' '.join(ALL_METRICS)} "
-                        f"(default: the field's {' '.join(FIELD_METRICS)}); JSON and CSV always hold all metrics")
+                   help=f"folder caching what depends on a GT alone (HCE skeleton, weighted-F distance transform, "
+                        f"boundary bands; keyed by GT file content) and each image's results (keyed by GT, "
+                        f"prediction and metric set) (default: {default_cache_dir()})")
+    p.add_argument("--no_cache", action="store_true", help="recompute everything, read and write no cache")
+    p.add_argument("--metrics", nargs="+", choices=ALL_METRICS + BOUNDARY_METRICS, default=list(FIELD_METRICS),
+                   metavar="METRIC",
+                   help=f"table columns, any of {' '.join(ALL_METRICS)}, and BiRefNet's boundary metrics "
+                        f"{' '.join(BOUNDARY_METRICS)} (computed only when asked for) (default: the field's "
+                        f"{' '.join(FIELD_METRICS)}); JSON and CSV always hold all computed metrics")
     p.add_argument("--digits", type=int_at_least(0), default=3,
                    help="decimals in the printed and LaTeX tables (HCE: none)")
-    p.add_argument("--save_json", type=Path, help="write {dataset: {metric: value, ..., 'n': images}} here")
-    p.add_argument("--save_csv", type=Path, help="write one CSV line per dataset with every metric here")
-    p.add_argument("--save_latex", type=Path, help="write the table as a LaTeX (booktabs) tabular here")
+    p.add_argument("--save_json", type=Path, help="write {dataset: {metric: value, ..., 'n': images}} here "
+                                                   "({method: {dataset: ...}} for several methods)")
+    p.add_argument("--save_csv", type=Path, help="write one CSV line per dataset (and method) with every metric here")
+    p.add_argument("--save_latex", type=Path, help="write the table as a LaTeX (booktabs) tabular here; several "
+                                                    "methods: best \\textbf, second \\underline")
     p.add_argument("--per_image_csv", type=Path, help="write every image's metrics (MAE, HCE, ...) here")
-    p.add_argument("--plot_dir", type=Path, help="write <dataset>_pr.png and <dataset>_fmeasure.png curves here")
+    p.add_argument("--plot_dir", type=Path, help="write <dataset>_pr.png and <dataset>_fmeasure.png curves here "
+                                                  "(every method's curve in one figure)")
     return p.parse_args(argv)
 
 

@@ -1,18 +1,17 @@
-"""DIS5K evaluation of saved prediction maps: pairing, parallel per-image metrics, HCE skeleton cache, reports.
+"""DIS5K evaluation of saved prediction maps: pairing, parallel per-image metrics, caches, one or several methods.
 
 Layout: predictions `<pred_root>/<dataset>/<stem>.png`, ground truth `<gt_root>/<dataset>/gt/<stem>.png`
-(or `GT/`). Each image is evaluated in a worker process (`utils.metrics.DISMetrics` on one image) and
-the per-image entries are merged in file order in the parent, which gives the numbers of one
-sequential PySODMetrics loop. GT skeletons for HCE, the slowest step, are cached on disk under the
-SHA-256 of the GT file's bytes, so an edited GT never gets a stale skeleton.
+(or `GT/`); several methods are several pred roots. Each image is evaluated in a worker process
+(`utils.metrics.DISMetrics` on one image) and the per-image entries are merged in file order in the
+parent, which gives the numbers of one sequential PySODMetrics loop. What depends on the GT alone
+(HCE skeleton, weighted-F distance transform, boundary bands) is cached on disk under the SHA-256 of
+the GT file's bytes, so an edited GT never gets a stale entry; each image's results are cached by
+(GT, prediction, metric set) content (`utils.result_cache`). Reports: `pipelines.eval_reports`.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
-import hashlib
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -24,34 +23,52 @@ from typing import Any
 
 import cv2
 import numpy as np
-import skimage
 from tqdm import tqdm
 
-from utils.atomic import atomic_path
+from pipelines import eval_reports as reports
 from utils.dis5k import EVAL_SPLITS, TE_MEAN_ROW, TE_SUBSETS, expected_folders, split_folders
-from utils.errors import FSANetError, listing
-from utils.imageio import ImageReadError, list_images, read_mask, write_png
-from utils.metrics import ALL_METRICS, BINARY_THRESHOLD, FIELD_METRICS, DISMetrics, gt_skeleton, image_summary
+from utils.errors import FSANetError, RunError, listing
+from utils.gt_cache import cached_boundary_ground, cached_skeleton, cached_wf_ground
+from utils.imageio import ImageReadError, list_images, read_mask
+from utils.metrics import (
+    BINARY_THRESHOLD,
+    BOUNDARY_METRICS,
+    FIELD_METRICS,
+    DISMetrics,
+    image_summary,
+)
+from utils.result_cache import load_result, result_key, store_result
 
 logger = logging.getLogger(__name__)
 
-LOWER_IS_BETTER = frozenset({"MAE", "HCE"})
-# Part of every cache key: a different skeletonisation (or skimage version) never reuses old entries.
-_SKELETON_TAG = f"skimage {skimage.__version__} skeletonize(gt > {BINARY_THRESHOLD}) v1".encode()
 
 
 class EvalError(FSANetError):
-    """A user error (missing folder or file, unreadable image); the message is one line naming it."""
+    """A user error found before evaluating (missing folder or prediction, clashing names): exit 2."""
+
+
+class EvalFailed(RunError):
+    """Evaluation ran but could not finish or write what was asked (unreadable image, report): exit 1."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of a comparison: its name and its folder of per-dataset prediction folders."""
+
+    name: str
+    root: Path
 
 
 @dataclass(frozen=True)
 class ImageTask:
-    """One prediction/GT pair to evaluate, with the skeleton cache folder (None: no cache)."""
+    """One prediction/GT pair to evaluate, with the cache folder (None: no cache) and the metric set."""
 
     stem: str
     gt: Path
     pred: Path
     cache_dir: Path | None
+    boundary: bool = False
+    read_results: bool = True  # False: recompute even when the results cache has this pair
 
 
 @dataclass
@@ -63,6 +80,7 @@ class ImageResult:
     pred_size: tuple[int, int] | None = None  # (height, width) before resizing, when resized
     error: str | None = None
     cache_error: str | None = None
+    cached: bool = False
 
 
 @dataclass
@@ -79,7 +97,7 @@ class DatasetResult:
 class EvalConfig:
     """Everything eval.py passes on: where the maps are, how to evaluate, what to write."""
 
-    pred_root: Path
+    pred_root: Path | Sequence[str | Path]  # one folder, or several methods (DIR or NAME=DIR each)
     gt_root: Path
     datasets: Sequence[str] = EVAL_SPLITS
     workers: int = 1
@@ -94,7 +112,7 @@ class EvalConfig:
 
 
 def default_cache_dir() -> Path:
-    """The per-user folder for cached HCE skeletons: $XDG_CACHE_HOME (or ~/.cache)/fsanet/hce_skeletons."""
+    """The per-user eval cache folder (GT skeletons and more): $XDG_CACHE_HOME (or ~/.cache)/fsanet/hce_skeletons."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "fsanet" / "hce_skeletons"
 
@@ -116,8 +134,10 @@ def find_gt_dir(dataset_dir: Path) -> Path:
     return found[1]
 
 
-def pair_predictions(name: str, gt_root: Path, pred_root: Path, cache_dir: Path | None) -> list[ImageTask]:
-    """One task per GT of a dataset; EvalError if a prediction `<stem>.png` is missing."""
+def pair_predictions(name: str, gt_root: Path, pred_root: Path, cache_dir: Path | None, boundary: bool = False,
+                     read_results: bool = True, method: str | None = None) -> list[ImageTask]:
+    """One task per GT of a dataset; a missing prediction `<stem>.png` is an EvalError for a single
+    method, and for a `method` of a comparison a warning listing them (it is evaluated on the rest)."""
     gt_dir = find_gt_dir(gt_root / name)
     pred_dir = pred_root / name
     if not pred_dir.is_dir():
@@ -125,11 +145,15 @@ def pair_predictions(name: str, gt_root: Path, pred_root: Path, cache_dir: Path 
     gts = list_images(gt_dir)
     if not gts:
         raise EvalError(f"no ground-truth images in {gt_dir}")
-    tasks = [ImageTask(gt.stem, gt, pred_dir / f"{gt.stem}.png", cache_dir) for gt in gts]
+    tasks = [ImageTask(gt.stem, gt, pred_dir / f"{gt.stem}.png", cache_dir, boundary, read_results) for gt in gts]
     missing = [task.pred.name for task in tasks if not task.pred.is_file()]
-    if missing:
+    if missing and method is None:
         raise EvalError(f"{name}: {len(missing)} of {len(tasks)} predictions missing in {pred_dir}: "
                         f"{listing(missing)} (run test.py for {name} or check --pred_root)")
+    if missing:
+        logger.warning("%s, %s: %d of %d predictions missing in %s, evaluated on the other %d: %s", method, name,
+                       len(missing), len(tasks), pred_dir, len(tasks) - len(missing), listing(missing))
+        tasks = [task for task in tasks if task.pred.is_file()]
     stems = {task.stem for task in tasks}
     extra = [p.name for p in list_images(pred_dir) if p.stem not in stems or p.suffix != ".png"]
     if extra:
@@ -138,57 +162,46 @@ def pair_predictions(name: str, gt_root: Path, pred_root: Path, cache_dir: Path 
     return tasks
 
 
-def skeleton_cache_path(gt_bytes: bytes, cache_dir: Path) -> Path:
-    """Where the skeleton of a GT file with these bytes is cached."""
-    digest = hashlib.sha256(_SKELETON_TAG + b"\0" + gt_bytes).hexdigest()
-    return cache_dir / f"{digest}.png"
-
-
-def _load_skeleton(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    """A cached skeleton of the given shape, or None when absent or unusable (it is then recomputed)."""
-    if not path.is_file():
-        return None
+def _read_bytes(path: Path) -> bytes:
+    """A file's bytes; ImageReadError naming it when it cannot be read."""
     try:
-        skeleton = np.asarray(read_mask(path)) > BINARY_THRESHOLD
-    except ImageReadError:
-        return None
-    return skeleton if skeleton.shape == shape else None
-
-
-def cached_skeleton(gt_bytes: bytes, gt_bin: np.ndarray, cache_dir: Path | None) -> tuple[np.ndarray, str | None]:
-    """The GT's skeleton from the cache or computed (and stored); second item: why storing failed."""
-    if cache_dir is None:
-        return gt_skeleton(gt_bin), None
-    path = skeleton_cache_path(gt_bytes, cache_dir)
-    skeleton = _load_skeleton(path, gt_bin.shape)
-    if skeleton is not None:
-        return skeleton, None
-    skeleton = gt_skeleton(gt_bin)
-    try:
-        write_png(skeleton.astype(np.uint8) * 255, path)
+        return path.read_bytes()
     except OSError as e:
-        return skeleton, f"{type(e).__name__}: {e}"
-    return skeleton, None
+        raise ImageReadError(f"{path}: cannot read file ({e.strerror or e})") from e
 
 
 def evaluate_image(task: ImageTask) -> ImageResult:
     """Metrics of one pair (run in a worker); a prediction of another size is resized to the GT's (bilinear)."""
     try:
-        gt_bytes = task.gt.read_bytes()
+        gt_bytes, pred_bytes = _read_bytes(task.gt), _read_bytes(task.pred)
+        metric_set = FIELD_METRICS + (BOUNDARY_METRICS if task.boundary else ())
+        key = result_key(gt_bytes, pred_bytes, metric_set) if task.cache_dir is not None else ""
+        names = list(DISMetrics(task.boundary).state())
+        hit = load_result(task.cache_dir, key, names) if key and task.read_results else None
+        if hit is not None:
+            return ImageResult(task.stem, hit["state"], hit["pred_size"], cached=True)
         gt = np.asarray(read_mask(task.gt, data=gt_bytes))
-        pred = np.asarray(read_mask(task.pred))
+        pred = np.asarray(read_mask(task.pred, data=pred_bytes))
     except ImageReadError as e:
         return ImageResult(task.stem, error=str(e))
-    except OSError as e:
-        return ImageResult(task.stem, error=f"{task.gt}: cannot read file ({e.strerror or e})")
     pred_size = None
     if pred.shape != gt.shape:
         pred_size = pred.shape
         pred = cv2.resize(pred, (gt.shape[1], gt.shape[0]), interpolation=cv2.INTER_LINEAR)
-    skeleton, cache_error = cached_skeleton(gt_bytes, gt > BINARY_THRESHOLD, task.cache_dir)
-    metrics = DISMetrics()
-    metrics.step(pred, gt, skeleton)
-    return ImageResult(task.stem, metrics.state(), pred_size, None, cache_error)
+    gt_bin = gt > BINARY_THRESHOLD
+    skeleton, skeleton_error = cached_skeleton(gt_bytes, gt_bin, task.cache_dir)
+    wf, wf_error = cached_wf_ground(gt_bytes, gt_bin, task.cache_dir)
+    bands, bands_error = cached_boundary_ground(gt_bytes, gt, task.cache_dir) if task.boundary else (None, None)
+    metrics = DISMetrics(task.boundary)
+    metrics.step(pred, gt, skeleton, wf, bands)
+    state, store_error = metrics.state(), None
+    if key:
+        try:
+            store_result(task.cache_dir, key, state, pred_size)
+        except OSError as e:
+            store_error = f"{type(e).__name__}: {e}"
+    cache_error = skeleton_error or wf_error or bands_error or store_error
+    return ImageResult(task.stem, state, pred_size, None, cache_error)
 
 
 def _init_worker() -> None:
@@ -217,15 +230,17 @@ def image_mapper(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterat
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def evaluate_dataset(name: str, tasks: Sequence[ImageTask], mapper: Callable, progress: bool = True) -> DatasetResult:
-    """Evaluate one dataset's pairs; EvalError naming every unreadable file."""
-    metrics = DISMetrics()
+def evaluate_dataset(name: str, tasks: Sequence[ImageTask], mapper: Callable, progress: bool = True,
+                     label: str | None = None) -> DatasetResult:
+    """Evaluate one dataset's pairs; EvalError naming every unreadable file (`label`: the method, in messages)."""
+    metrics = DISMetrics(bool(tasks) and tasks[0].boundary)
+    name_shown = name if label is None else f"{label}, {name}"
     images: list[dict[str, Any]] = []
     unreadable: list[str] = []
     resized: list[str] = []
     cache_errors: set[str] = set()
     results = mapper(evaluate_image, tasks)
-    for result in tqdm(results, total=len(tasks), desc=name, unit="img", disable=None if progress else True):
+    for result in tqdm(results, total=len(tasks), desc=name_shown, unit="img", disable=None if progress else True):
         if result.error is not None:
             unreadable.append(result.error)
             continue
@@ -237,134 +252,115 @@ def evaluate_dataset(name: str, tasks: Sequence[ImageTask], mapper: Callable, pr
         if result.cache_error is not None:
             cache_errors.add(result.cache_error)
     if unreadable:
-        raise EvalError(f"{name}: {len(unreadable)} unreadable image(s): {listing(unreadable, sep='; ')}")
+        raise EvalFailed(f"{name_shown}: {len(unreadable)} unreadable image(s): {listing(unreadable, sep='; ')}")
     if resized:
         logger.warning("%s: %d prediction(s) differ in size from their GT and were resized to it (bilinear): %s",
-                       name, len(resized), listing(resized))
+                       name_shown, len(resized), listing(resized))
     if cache_errors:
-        logger.warning("%s: could not write the HCE skeleton cache (%s); evaluation went on without it",
-                       name, listing(sorted(cache_errors), sep="; "))
+        logger.warning("%s: could not write the HCE skeleton cache or other eval cache entries (%s); "
+                       "evaluation went on without it",
+                       name_shown, listing(sorted(cache_errors), sep="; "))
     return DatasetResult(name, metrics.get_results(), metrics.curves(), images)
 
 
 def evaluate(pred_root: Path, gt_root: Path, datasets: Sequence[str] = EVAL_SPLITS, workers: int = 1,
-             cache_dir: Path | None = None, progress: bool = True) -> dict[str, DatasetResult]:
-    """Evaluate every dataset (all pairs are checked before any image is evaluated)."""
+             cache_dir: Path | None = None, progress: bool = True, boundary: bool = False,
+             read_results: bool = True) -> dict[str, DatasetResult]:
+    """Evaluate every dataset of one method (all pairs are checked before any image is evaluated)."""
     datasets = list(dict.fromkeys(datasets))
     if not datasets:
         raise EvalError("no datasets to evaluate (pass --datasets)")
-    tasks = {name: pair_predictions(name, Path(gt_root), Path(pred_root), cache_dir) for name in datasets}
+    tasks = {name: pair_predictions(name, Path(gt_root), Path(pred_root), cache_dir, boundary, read_results)
+             for name in datasets}
     total = sum(len(t) for t in tasks.values())
     with image_mapper(min(workers, total)) as mapper:
         return {name: evaluate_dataset(name, tasks[name], mapper, progress) for name in datasets}
+
+
+def parse_methods(specs: Sequence[str | Path]) -> list[Method]:
+    """Methods from `DIR` (named by the folder) or `NAME=DIR`; EvalError when two share a name."""
+    methods = []
+    for spec in specs:
+        name, sep, folder = str(spec).partition("=")
+        if not sep or not name or os.sep in name:
+            name, folder = Path(spec).resolve().name or str(spec), str(spec)
+        methods.append(Method(name, Path(folder)))
+    seen: dict[str, Method] = {}
+    for method in methods:
+        if method.name in seen:
+            raise EvalError(f"--pred_root: {seen[method.name].root} and {method.root} are both named "
+                              f"{method.name!r}; rename one as NAME=DIR")
+        seen[method.name] = method
+    return methods
+
+
+def evaluate_methods(methods: Sequence[Method], gt_root: Path, datasets: Sequence[str], workers: int = 1,
+                     cache_dir: Path | None = None, progress: bool = True,
+                     boundary: bool = False) -> tuple[dict[str, dict[str, DatasetResult]], dict[str, int]]:
+    """Evaluate several methods; a method without a dataset's folder is left out of that dataset.
+
+    Returns {method: {dataset: result}} and the number of GT images per dataset.
+    """
+    datasets = list(dict.fromkeys(datasets))
+    if not datasets:
+        raise EvalError("no datasets to evaluate (pass --datasets)")
+    gt_counts = {name: len(list_images(find_gt_dir(Path(gt_root) / name))) for name in datasets}
+    tasks: dict[str, dict[str, list[ImageTask]]] = {m.name: {} for m in methods}
+    for method in methods:
+        if not method.root.is_dir():
+            raise EvalError(f"--pred_root: method {method.name}: folder not found: {method.root}")
+        for name in datasets:
+            if not (method.root / name).is_dir():
+                logger.warning("%s: no %s folder in %s; left out of %s", method.name, name, method.root, name)
+                continue
+            found = pair_predictions(name, Path(gt_root), method.root, cache_dir, boundary, True, method.name)
+            if found:
+                tasks[method.name][name] = found
+    for name in datasets:
+        if not any(name in per for per in tasks.values()):
+            raise EvalError(f"{name}: no method has predictions for it (check --pred_root and --datasets)")
+    total = sum(len(t) for per in tasks.values() for t in per.values())
+    with image_mapper(min(workers, total)) as mapper:
+        results = {method: {name: evaluate_dataset(name, t, mapper, progress, method) for name, t in per.items()}
+                   for method, per in tasks.items()}
+    return results, gt_counts
 
 
 def summary_rows(results: dict[str, DatasetResult]) -> dict[str, dict[str, Any]]:
     """Metrics per dataset, plus the DIS-TE (1-4) row (mean of the four subsets) when all four were evaluated."""
     rows = {name: dict(result.metrics) for name, result in results.items()}
     if all(subset in rows for subset in TE_SUBSETS):
-        te_mean = {m: float(np.mean([rows[s][m] for s in TE_SUBSETS])) for m in ALL_METRICS}
+        te_mean = {m: float(np.mean([rows[s][m] for s in TE_SUBSETS])) for m in rows[TE_SUBSETS[0]] if m != "n"}
         rows[TE_MEAN_ROW] = {**te_mean, "n": sum(rows[s]["n"] for s in TE_SUBSETS)}
     return rows
 
 
-def _format(metric: str, value: float, digits: int) -> str:
-    """A table cell: HCE as a whole number (as the field prints it), the others with `digits` decimals."""
-    return f"{value:.0f}" if metric == "HCE" else f"{value:.{digits}f}"
-
-
-def markdown_table(rows: dict[str, dict[str, Any]], metrics: Sequence[str] = FIELD_METRICS, digits: int = 3) -> str:
-    """The rows as a Markdown table, one column per metric."""
-    lines = ["| Dataset | " + " | ".join(metrics) + " |", "|:--|" + "--:|" * len(metrics)]
-    lines += [f"| {name} | " + " | ".join(_format(m, row[m], digits) for m in metrics) + " |"
-              for name, row in rows.items()]
-    return "\n".join(lines)
-
-
-def latex_table(rows: dict[str, dict[str, Any]], metrics: Sequence[str] = FIELD_METRICS, digits: int = 3) -> str:
-    """The rows as a booktabs LaTeX tabular, with arrows for better direction."""
-    header = " & ".join(f"{m}$\\{'downarrow' if m in LOWER_IS_BETTER else 'uparrow'}$" for m in metrics)
-    body = [f"{name} & " + " & ".join(_format(m, row[m], digits) for m in metrics) + r" \\"
-            for name, row in rows.items()]
-    return "\n".join([f"\\begin{{tabular}}{{l{'c' * len(metrics)}}}", r"\toprule", f"Dataset & {header} \\\\",
-                      r"\midrule", *body, r"\bottomrule", r"\end{tabular}"]) + "\n"
-
-
-def write_json(rows: dict[str, dict[str, Any]], path: Path) -> None:
-    """{dataset: {metric: value, ..., "n": images}} with every metric at full precision."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(rows, indent=1) + "\n")
-
-
-def write_csv(rows: dict[str, dict[str, Any]], path: Path) -> None:
-    """One line per dataset: dataset, n and every metric at full precision."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["dataset", "n", *ALL_METRICS])
-        writer.writerows([name, row["n"], *(repr(row[m]) for m in ALL_METRICS)] for name, row in rows.items())
-
-
-def write_per_image_csv(results: dict[str, DatasetResult], path: Path) -> None:
-    """One line per image: dataset, file stem, MAE, HCE, the other metrics on that image alone, resized_from."""
-    columns = ["MAE", "HCE", *(m for m in ALL_METRICS if m not in ("MAE", "HCE"))]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["dataset", "image", *columns, "resized_from"])
-        for name, result in results.items():
-            writer.writerows([name, im["image"], *(repr(im[m]) for m in columns), im["resized_from"]]
-                             for im in result.images)
-
-
-def save_plots(results: dict[str, DatasetResult], plot_dir: Path) -> list[Path]:
-    """`<dataset>_pr.png` (precision-recall) and `<dataset>_fmeasure.png` (F-measure vs threshold) per dataset."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    written = []
-    for name, result in results.items():
-        c = result.curves
-        plots = (("pr", c["recall"], c["precision"], "Recall", "Precision", f"{name}: PR curve"),
-                 ("fmeasure", c["threshold"], c["fmeasure"], "Threshold", "F-measure (beta^2 = 0.3)",
-                  f"{name}: maxF {result.metrics['maxF']:.3f}, meanF {result.metrics['meanF']:.3f}"))
-        for suffix, x, y, xlabel, ylabel, title in plots:
-            fig = Figure(figsize=(5, 4), dpi=100)
-            FigureCanvasAgg(fig)
-            ax = fig.add_subplot()
-            ax.plot(x, y)
-            ax.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(x.min(), x.max()), ylim=(0, 1.02))
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            path = Path(plot_dir) / f"{name}_{suffix}.png"
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, format="png")
-            written.append(path)
-    return written
-
-
-def write_latex(rows: dict[str, dict[str, Any]], path: Path, metrics: Sequence[str], digits: int) -> None:
-    """latex_table() written to `path`."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(latex_table(rows, metrics, digits))
-
-
-def write_outputs(config: EvalConfig, results: dict[str, DatasetResult], rows: dict[str, dict[str, Any]]) -> None:
+def write_outputs(config: EvalConfig, results: dict[str, dict[str, DatasetResult]],
+                  tables: dict[str, dict[str, dict[str, Any]]]) -> None:
     """Write every file config asks for; EvalError naming the one that cannot be written."""
-    writers = [(config.save_json, lambda p: write_json(rows, p)), (config.save_csv, lambda p: write_csv(rows, p)),
-               (config.save_latex, lambda p: write_latex(rows, p, config.metrics, config.digits)),
-               (config.per_image_csv, lambda p: write_per_image_csv(results, p)),
-               (config.plot_dir, lambda p: save_plots(results, p))]
-    for path, write in writers:
-        if path is None:
-            continue
-        try:
-            write(Path(path))
-        except OSError as e:
-            raise EvalError(f"cannot write {path}: {e}") from e
+    try:
+        reports.write_reports(results, tables, config.metrics, config.digits, json_path=config.save_json,
+                              csv_path=config.save_csv, latex_path=config.save_latex,
+                              per_image_path=config.per_image_csv, plot_dir=config.plot_dir)
+    except reports.ReportError as e:
+        raise EvalFailed(str(e)) from e
 
 
 def run_evaluation(config: EvalConfig) -> str:
-    """Evaluate, write the requested files and return the Markdown table of config.metrics."""
-    results = evaluate(config.pred_root, config.gt_root, config.datasets, config.workers, config.cache_dir)
-    rows = summary_rows(results)
-    write_outputs(config, results, rows)
-    return markdown_table(rows, config.metrics, config.digits)
+    """Evaluate, write the requested files and return the Markdown table(s) of config.metrics."""
+    specs = [config.pred_root] if isinstance(config.pred_root, (str, Path)) else list(config.pred_root)
+    methods = parse_methods(specs)
+    boundary = any(m in BOUNDARY_METRICS for m in config.metrics)
+    if len(methods) == 1:  # today's single-method run: a missing prediction is an error
+        results = {methods[0].name: evaluate(methods[0].root, config.gt_root, config.datasets, config.workers,
+                                             config.cache_dir, boundary=boundary)}
+    else:
+        results, gt_counts = evaluate_methods(methods, config.gt_root, config.datasets, config.workers,
+                                              config.cache_dir, boundary=boundary)
+    tables = {method: summary_rows(per) for method, per in results.items()}
+    write_outputs(config, results, tables)
+    if len(methods) == 1:
+        return reports.markdown_table(tables[methods[0].name], config.metrics, config.digits)
+    if all(s in gt_counts for s in TE_SUBSETS):
+        gt_counts[TE_MEAN_ROW] = sum(gt_counts[s] for s in TE_SUBSETS)
+    return reports.comparison_markdown(tables, config.metrics, config.digits, gt_counts)

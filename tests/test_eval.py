@@ -1,4 +1,4 @@
-"""eval.py and utils/metrics.py + utils/evaluation.py against the authors' eval_case fixture."""
+"""eval.py and utils/metrics.py + pipelines/evaluation.py against the authors' eval_case fixture."""
 from __future__ import annotations
 
 import csv
@@ -16,14 +16,9 @@ from conftest import ROOT
 from py_sod_metrics import HumanCorrectionEffortMeasure
 from skimage import morphology
 
-from pipelines.evaluation import (
-    DatasetResult,
-    cached_skeleton,
-    evaluate,
-    skeleton_cache_path,
-    summary_rows,
-)
+from pipelines.evaluation import DatasetResult, evaluate, summary_rows
 from utils.dis5k import TE_MEAN_ROW, TE_SUBSETS
+from utils.gt_cache import cached_skeleton, skeleton_cache_path
 from utils.metrics import ALL_METRICS, DISMetrics, HumanCorrectionEffort, gt_skeleton
 
 STEMS = [f"case_{i:03d}" for i in range(8)]
@@ -206,8 +201,9 @@ def test_te_row_through_the_command_line(tmp_path: Path, reference_dir: Path, ex
     split = dict(zip(TE_SUBSETS, [STEMS[:1], STEMS[1:3], STEMS[3:5], STEMS[5:]]))
     gt_root, pred_root = make_layout(tmp_path, reference_dir, split)
     proc = run_eval(gt_root, pred_root, "--datasets", *TE_SUBSETS, "--workers", "1", "--no_cache",
-                    "--save_json", str(tmp_path / "m.json"))
+                    "--save_json", str(tmp_path / "m.json"), "--plot_dir", str(tmp_path / "plots"))
     assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "plots").glob("*.png"))) == 2 * len(TE_SUBSETS)  # no curves for the mean row
     got = json.loads((tmp_path / "m.json").read_text())
     assert list(got) == [*TE_SUBSETS, TE_MEAN_ROW]
     for name in ALL_METRICS:

@@ -23,30 +23,21 @@ from py_sod_metrics import (
     WeightedFmeasure,
 )
 from py_sod_metrics.utils import validate_and_normalize_input
-from skimage import morphology
+
+from utils.boundary_metrics import BoundaryAccuracy, BoundaryGround, BoundaryIoU
+from utils.gt_cache import WFGround, weighted_fmeasure
+from utils.thinning import gt_skeleton
 
 # Every metric reported, in the order of the reference expected.json.
 ALL_METRICS: tuple[str, ...] = ("maxF", "meanF", "adpF", "wF", "MAE", "Sm", "meanEm", "maxEm", "adpEm", "HCE")
+# BiRefNet's boundary metrics (utils.boundary_metrics), computed only when asked for.
+BOUNDARY_METRICS: tuple[str, ...] = ("mBA", "maxBIoU", "meanBIoU")
 # The columns of the field's DIS5K tables, in the field's order.
 FIELD_METRICS: tuple[str, ...] = ("maxF", "wF", "MAE", "Sm", "meanEm", "HCE")
 # The DIS authors' binarisation threshold on raw 8-bit values (`> 128`), also PySODMetrics' GT threshold.
 BINARY_THRESHOLD = 128
 # The field's F-measure weight beta^2.
 F_BETA2 = 0.3
-
-
-def gt_skeleton(gt: np.ndarray) -> np.ndarray:
-    """skimage.morphology.skeletonize(gt) for a boolean GT, computed on the foreground's bounding box."""
-    skeleton = np.zeros(gt.shape, dtype=bool)
-    rows = np.flatnonzero(gt.any(axis=1))
-    if rows.size == 0:
-        return skeleton
-    cols = np.flatnonzero(gt.any(axis=0))
-    # Zhang-Suen thinning decides each pixel from its 3x3 neighbourhood and skimage pads the image with
-    # background, which is what surrounds the bounding box anyway: the skeleton is identical.
-    box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    skeleton[box] = morphology.skeletonize(gt[box])
-    return skeleton
 
 
 class HumanCorrectionEffort(HumanCorrectionEffortMeasure):
@@ -111,8 +102,8 @@ class HumanCorrectionEffort(HumanCorrectionEffortMeasure):
 class DISMetrics:
     """All DIS5K metrics of one dataset; per-image entries can be computed elsewhere and merged."""
 
-    def __init__(self) -> None:
-        """Create the library's metric objects (F-measure beta^2 = 0.3, S-measure alpha = 0.5)."""
+    def __init__(self, boundary: bool = False) -> None:
+        """Create the library's metric objects (F beta^2 = 0.3, S-measure alpha = 0.5); mBA/BIoU if `boundary`."""
         self._fm = FmeasureHandler(with_dynamic=True, with_adaptive=True, beta=F_BETA2)
         self._precision = PrecisionHandler(with_dynamic=True, with_adaptive=False)
         self._recall = RecallHandler(with_dynamic=True, with_adaptive=False)
@@ -122,6 +113,13 @@ class DISMetrics:
         self.wfmeasure = WeightedFmeasure()
         self.mae = MAE()
         self.hce = HumanCorrectionEffort(relax=5, epsilon=2.0)
+        self.boundary = boundary
+        self.mba, self.biou = BoundaryAccuracy(), BoundaryIoU()
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics get_results() reports."""
+        return ALL_METRICS + (BOUNDARY_METRICS if self.boundary else ())
 
     def _records(self) -> dict[str, list]:
         """Every per-image list the metric objects accumulate, by name."""
@@ -131,19 +129,28 @@ class DISMetrics:
             "em_curve": self.emeasure.changeable_ems, "adpEm": self.emeasure.adaptive_ems,
             "Sm": self.smeasure.sms, "wF": self.wfmeasure.weighted_fms, "MAE": self.mae.maes,
             "HCE": self.hce.hces,
+            **({"BA": self.mba.bas, "biou_curve": self.biou.curves} if self.boundary else {}),
         }
 
     def __len__(self) -> int:
         return len(self.mae.maes)
 
-    def step(self, pred: np.ndarray, gt: np.ndarray, skeleton: np.ndarray | None = None) -> None:
-        """Add one raw 8-bit prediction/GT pair of the same size (`skeleton`: the GT's, if known)."""
+    def step(self, pred: np.ndarray, gt: np.ndarray, skeleton: np.ndarray | None = None,
+             wf: WFGround | None = None, bands: BoundaryGround | None = None) -> None:
+        """Add one raw 8-bit prediction/GT pair of the same size; skeleton, wf, bands: the GT's parts, if known."""
         # Normalising once and passing normalize=False gives each class exactly what its own
         # normalize=True path would compute, without redoing it five times.
         pred_norm, gt_bin = validate_and_normalize_input(pred, gt, normalize=True)
-        for metric in (self.fmeasure, self.emeasure, self.smeasure, self.wfmeasure, self.mae):
+        for metric in (self.fmeasure, self.emeasure, self.smeasure, self.mae):
             metric.step(pred_norm, gt_bin, normalize=False)
+        if wf is None:
+            self.wfmeasure.step(pred_norm, gt_bin, normalize=False)
+        else:  # the library's value from the GT's precomputed distance transform
+            self.wfmeasure.weighted_fms.append(weighted_fmeasure(pred_norm, gt_bin, wf, self.wfmeasure.beta))
         self.hce.step(pred, gt, skeleton)
+        if self.boundary:
+            self.mba.step(pred, gt, bands)
+            self.biou.step(pred, gt, bands)
 
     def state(self) -> dict[str, list]:
         """Copies of the per-image entries, for merge() into another DISMetrics."""
@@ -167,7 +174,10 @@ class DISMetrics:
             "meanEm": em["curve"].mean(), "maxEm": em["curve"].max(), "adpEm": em["adp"],
             "HCE": self.hce.get_results()["hce"],
         }
-        return {**{name: float(results[name]) for name in ALL_METRICS}, "n": len(self)}
+        if self.boundary:
+            biou = self.biou.get_results()["biou"]["curve"]
+            results.update(mBA=self.mba.get_results()["mba"], maxBIoU=biou.max(), meanBIoU=biou.mean())
+        return {**{name: float(results[name]) for name in self.metric_names}, "n": len(self)}
 
     def curves(self) -> dict[str, np.ndarray]:
         """Mean precision, recall and F-measure over images at thresholds 0..255 (ascending)."""
@@ -199,11 +209,14 @@ class ValidationMetrics:
 
 
 def image_summary(state: dict[str, list]) -> dict[str, float]:
-    """Per-image values (ALL_METRICS, F and E curves taken over that image alone) of a one-image state()."""
+    """Per-image values (ALL_METRICS, boundary metrics if present; curves of that image alone) of a one-image state."""
     fm_curve, em_curve = np.asarray(state["fm_curve"][0]), np.asarray(state["em_curve"][0])
     summary = {
         "maxF": fm_curve.max(), "meanF": fm_curve.mean(), "adpF": state["adpF"][0], "wF": state["wF"][0],
         "MAE": state["MAE"][0], "Sm": state["Sm"][0], "meanEm": em_curve.mean(), "maxEm": em_curve.max(),
         "adpEm": state["adpEm"][0], "HCE": state["HCE"][0],
     }
-    return {name: float(summary[name]) for name in ALL_METRICS}
+    if "BA" in state:
+        biou = np.asarray(state["biou_curve"][0])
+        summary.update(mBA=state["BA"][0], maxBIoU=biou.max(), meanBIoU=biou.mean())
+    return {name: float(value) for name, value in summary.items()}

@@ -16,6 +16,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -27,10 +28,10 @@ import numpy as np
 import skimage
 from tqdm import tqdm
 
-from utils.atomic import atomic_path
+from utils.atomic import atomic_path, os_reason
 from utils.dis5k import EVAL_SPLITS, TE_MEAN_ROW, TE_SUBSETS, expected_folders, split_folders
-from utils.errors import FSANetError, listing
-from utils.imageio import ImageReadError, list_images, read_mask, write_png
+from utils.errors import EXIT_FAILED, FSANetError, listing
+from utils.imageio import ImageReadError, list_images, max_pixels, read_mask, set_max_pixels, write_png
 from utils.metrics import ALL_METRICS, BINARY_THRESHOLD, FIELD_METRICS, DISMetrics, gt_skeleton, image_summary
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,12 @@ _SKELETON_TAG = f"skimage {skimage.__version__} skeletonize(gt > {BINARY_THRESHO
 
 class EvalError(FSANetError):
     """A user error (missing folder or file, unreadable image); the message is one line naming it."""
+
+
+class UnreadableMapsError(EvalError):
+    """Maps or masks found unreadable while evaluating (a run-time fault: exit 1)."""
+
+    exit_code = EXIT_FAILED
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class ImageResult:
     pred_size: tuple[int, int] | None = None  # (height, width) before resizing, when resized
     error: str | None = None
     cache_error: str | None = None
+    pred_mode: str | None = None  # the prediction file's mode when it was not grayscale (converted to L)
 
 
 @dataclass
@@ -176,7 +184,8 @@ def evaluate_image(task: ImageTask) -> ImageResult:
     try:
         gt_bytes = task.gt.read_bytes()
         gt = np.asarray(read_mask(task.gt, data=gt_bytes))
-        pred = np.asarray(read_mask(task.pred))
+        pred_image = read_mask(task.pred)
+        pred = np.asarray(pred_image)
     except ImageReadError as e:
         return ImageResult(task.stem, error=str(e))
     except OSError as e:
@@ -188,12 +197,21 @@ def evaluate_image(task: ImageTask) -> ImageResult:
     skeleton, cache_error = cached_skeleton(gt_bytes, gt > BINARY_THRESHOLD, task.cache_dir)
     metrics = DISMetrics()
     metrics.step(pred, gt, skeleton)
-    return ImageResult(task.stem, metrics.state(), pred_size, None, cache_error)
+    mode = pred_image.info.get("source_mode")
+    return ImageResult(task.stem, metrics.state(), pred_size, None, cache_error,
+                       None if mode in _GRAY_MODES else mode)
 
 
-def _init_worker() -> None:
-    """Keep OpenCV single-threaded in workers: the pool already uses every core."""
+# Modes read as gray levels unchanged; any other (RGB, palette, with alpha) is converted to L with a note.
+_GRAY_MODES = frozenset({None, "L", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def _init_worker(pixel_budget: int) -> None:
+    """Keep OpenCV single-threaded in workers (the pool already uses every core); leave Ctrl-C to the parent,
+    which reports it in one line, instead of one traceback per worker; use the parent's pixel budget."""
     cv2.setNumThreads(1)
+    set_max_pixels(pixel_budget)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -209,7 +227,8 @@ def image_mapper(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterat
         context.set_forkserver_preload([__name__])
     else:
         context = mp.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                               initargs=(max_pixels(),))
     try:
         yield functools.partial(pool.map, chunksize=1)
     finally:
@@ -224,6 +243,7 @@ def evaluate_dataset(name: str, tasks: Sequence[ImageTask], mapper: Callable, pr
     unreadable: list[str] = []
     resized: list[str] = []
     cache_errors: set[str] = set()
+    colored: list[str] = []
     results = mapper(evaluate_image, tasks)
     for result in tqdm(results, total=len(tasks), desc=name, unit="img", disable=None if progress else True):
         if result.error is not None:
@@ -236,11 +256,16 @@ def evaluate_dataset(name: str, tasks: Sequence[ImageTask], mapper: Callable, pr
             resized.append(f"{result.stem}.png ({size})")
         if result.cache_error is not None:
             cache_errors.add(result.cache_error)
+        if result.pred_mode is not None:
+            colored.append(f"{result.stem}.png ({result.pred_mode})")
     if unreadable:
-        raise EvalError(f"{name}: {len(unreadable)} unreadable image(s): {listing(unreadable, sep='; ')}")
+        raise UnreadableMapsError(f"{name}: {len(unreadable)} unreadable image(s): {listing(unreadable, sep='; ')}")
     if resized:
         logger.warning("%s: %d prediction(s) differ in size from their GT and were resized to it (bilinear): %s",
                        name, len(resized), listing(resized))
+    if colored:
+        logger.warning("%s: %d prediction(s) are not grayscale and were converted to gray levels (PIL's L: "
+                       "0.299 R + 0.587 G + 0.114 B, alpha dropped): %s", name, len(colored), listing(colored))
     if cache_errors:
         logger.warning("%s: could not write the HCE skeleton cache (%s); evaluation went on without it",
                        name, listing(sorted(cache_errors), sep="; "))
@@ -347,24 +372,26 @@ def write_latex(rows: dict[str, dict[str, Any]], path: Path, metrics: Sequence[s
         tmp.write_text(latex_table(rows, metrics, digits))
 
 
-def write_outputs(config: EvalConfig, results: dict[str, DatasetResult], rows: dict[str, dict[str, Any]]) -> None:
-    """Write every file config asks for; EvalError naming the one that cannot be written."""
+def write_outputs(config: EvalConfig, results: dict[str, DatasetResult], rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Write every file config asks for; returns one line per output that could not be written."""
     writers = [(config.save_json, lambda p: write_json(rows, p)), (config.save_csv, lambda p: write_csv(rows, p)),
                (config.save_latex, lambda p: write_latex(rows, p, config.metrics, config.digits)),
                (config.per_image_csv, lambda p: write_per_image_csv(results, p)),
                (config.plot_dir, lambda p: save_plots(results, p))]
+    failed = []
     for path, write in writers:
         if path is None:
             continue
         try:
             write(Path(path))
         except OSError as e:
-            raise EvalError(f"cannot write {path}: {e}") from e
+            failed.append(f"cannot write {path} ({os_reason(e)}); the table above is complete, rerun with a "
+                          "writable path for this output")
+    return failed
 
 
-def run_evaluation(config: EvalConfig) -> str:
-    """Evaluate, write the requested files and return the Markdown table of config.metrics."""
+def run_evaluation(config: EvalConfig) -> tuple[str, list[str]]:
+    """Evaluate, write the requested files; the Markdown table of config.metrics and the outputs that failed."""
     results = evaluate(config.pred_root, config.gt_root, config.datasets, config.workers, config.cache_dir)
     rows = summary_rows(results)
-    write_outputs(config, results, rows)
-    return markdown_table(rows, config.metrics, config.digits)
+    return markdown_table(rows, config.metrics, config.digits), write_outputs(config, results, rows)

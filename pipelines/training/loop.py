@@ -237,10 +237,7 @@ class Trainer:
 
     def _too_few_decoded(self, images: torch.Tensor | None, bad: list[str]) -> bool:
         """Report undecodable files (each once); True when this batch (on any rank) kept fewer than 2 images."""
-        for reason in bad:
-            if reason not in self.bad_seen:
-                self.bad_seen.add(reason)
-                log.warning("skipping %s (it cannot be decoded; --on_bad skip)", reason)
+        self._report_undecodable(bad, "")
         short = torch.tensor([float(images is None or images.shape[0] < 2)])
         # Every rank must take the same decision, or the next collective would wait forever.
         if self.ctx.distributed:
@@ -249,6 +246,13 @@ class Trainer:
             log.warning("batch %d skipped: fewer than 2 decodable images left (BatchNorm needs 2)",
                         self.state.iteration + 1)
         return bool(short.item())
+
+    def _report_undecodable(self, bad: list[str], where: str) -> None:
+        """Warn about each file that failed to decode, once per run although every epoch meets it."""
+        for reason in bad:
+            if reason not in self.bad_seen:
+                self.bad_seen.add(reason)
+                log.warning("%sskipping %s (it cannot be decoded; --on_bad skip)", where, reason)
 
     def train_batch(self, images: torch.Tensor, gts: torch.Tensor, epoch: int) -> torch.Tensor:
         """The release's multi-scale step: one forward/backward/clamp/step per rate; mean loss terms."""
@@ -341,10 +345,7 @@ class Trainer:
         loader = DataLoader(self.val_set, batch_size=self.cfg.batchsize, num_workers=self.cfg.num_workers,
                             collate_fn=eval_collate)
         for images, masks, _, bad in tqdm(loader, desc="validation", leave=False, disable=None, file=sys.stderr):
-            for reason in bad:
-                if reason not in self.bad_seen:
-                    self.bad_seen.add(reason)
-                    log.warning("validation: skipping %s (it cannot be decoded; --on_bad skip)", reason)
+            self._report_undecodable(bad, "validation: ")
             if images is None:
                 continue
             images = images.to(self.device)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pipelines.evaluation import EvalConfig, default_cache_dir, default_workers, run_evaluation
 from utils.dis5k import EVAL_SPLITS
-from utils.errors import EXIT_OK, run_cli
+from utils.errors import EXIT_FAILED, EXIT_OK, run_cli
+from utils.imageio import DEFAULT_MAX_PIXELS, set_max_pixels
 from utils.metrics import ALL_METRICS, BOUNDARY_METRICS, FIELD_METRICS
 
 
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per_image_csv", type=Path, help="write every image's metrics (MAE, HCE, ...) here")
     p.add_argument("--plot_dir", type=Path, help="write <dataset>_pr.png and <dataset>_fmeasure.png curves here "
                                                   "(every method's curve in one figure)")
+    p.add_argument("--max_pixels", type=int_at_least(1), default=DEFAULT_MAX_PIXELS,
+                   help="refuse maps and masks whose header says more pixels than this, before decoding "
+                        "(decompression bombs; default: PIL's own limit, which every DIS5K image fits)")
     return p.parse_args(argv)
 
 
@@ -71,19 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     """Run the evaluation; a problem ends in one `error:` line and the exit code of utils.errors."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    set_max_pixels(args.max_pixels)
     config = EvalConfig(
         pred_root=args.pred_root, gt_root=args.gt_root, datasets=args.datasets, workers=args.workers,
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()), metrics=args.metrics,
         digits=args.digits, save_json=args.save_json, save_csv=args.save_csv, save_latex=args.save_latex,
         per_image_csv=args.per_image_csv, plot_dir=args.plot_dir,
     )
-    return run_cli(lambda: print_table(config))
+    return run_cli(lambda: print_table(config), interrupted=lambda: "no table printed and no output written")
 
 
 def print_table(config: EvalConfig) -> int:
-    """Evaluate and print the table."""
-    print(run_evaluation(config))
-    return EXIT_OK
+    """Evaluate and print the table, then one `error:` line per output file that could not be written (exit 1)."""
+    table, failed = run_evaluation(config)
+    print(table, flush=True)
+    for line in failed:
+        print(f"error: {line}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lib.encoders import FREQ_ENCODERS
 from pipelines.inference import (
+    InferenceError,
     InferenceOptions,
     InferenceSummary,
     check_options,
@@ -21,9 +22,11 @@ from pipelines.inference import (
     load_model,
     predict_jobs,
 )
+from utils.atomic import check_writable_dir
 from utils.device import AMP_CHOICES, resolve_device
 from utils.dis5k import EVAL_SPLITS
 from utils.errors import EXIT_FAILED, EXIT_OK, run_cli
+from utils.imageio import DEFAULT_MAX_PIXELS, set_max_pixels
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,23 +57,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decode JPEGs at reduced resolution (still >= --testsize) and resize with torch's uint8 "
                         "kernel: much faster on large photos, but changes the maps' pixels slightly vs the release")
     p.add_argument("--skip_existing", action="store_true",
-                   help="skip images whose map already exists (resume an interrupted run)")
+                   help="skip images whose map already exists and is a readable PNG (resume an interrupted run)")
+    p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse (skip, named) images whose header says more pixels than this, before decoding: "
+                        "decompression bombs (default: PIL's own limit, which every DIS5K image fits)")
     return p.parse_args(argv)
 
 
-def predict(args: argparse.Namespace) -> InferenceSummary:
-    """Find the images, load the model and write the maps."""
+def predict(args: argparse.Namespace, summary: InferenceSummary) -> InferenceSummary:
+    """Find the images, check the output folder, load the model and write the maps (counted in `summary`)."""
     options = InferenceOptions(testsize=args.testsize, device=resolve_device(args.device),
                                batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp,
                                fast_decode=args.fast_decode, skip_existing=args.skip_existing)
     check_options(options)
+    if args.max_pixels < 1:
+        raise InferenceError(f"--max_pixels {args.max_pixels}: must be positive")
+    set_max_pixels(args.max_pixels)
     if args.input is not None:
-        jobs = [folder_job(args.input, args.save_root)]
+        # A photo folder is shown by viewers in its EXIF orientation; the map follows it.
+        jobs = [folder_job(args.input, args.save_root, exif=True)]
     else:
         jobs = dis5k_jobs(args.data_root, args.datasets, args.save_root)
+    check_writable_dir(args.save_root, "--save_root")
     model = load_model(args.pth_path, args.freq_encoder, options.device, options.amp)
     with logging_redirect_tqdm():
-        return predict_jobs(model, jobs, options)
+        return predict_jobs(model, jobs, options, summary)
 
 
 def report(summary: InferenceSummary, save_root: str) -> None:
@@ -86,12 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run test.py; exit 0 when every map was written, 1 when some images failed, 2 on a setup error."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    return run_cli(lambda: predict_and_report(args))
+    summary = InferenceSummary()
+    return run_cli(lambda: predict_and_report(args, summary), interrupted=lambda: progress(summary, args))
 
 
-def predict_and_report(args: argparse.Namespace) -> int:
+def progress(summary: InferenceSummary, args: argparse.Namespace) -> str:
+    """What an interrupted run did, and how to finish it."""
+    return (f"{summary.written} maps written to {args.save_root}, {summary.skipped} skipped (map exists), "
+            f"{len(summary.failed)} failed; rerun with --skip_existing to finish")
+
+
+def predict_and_report(args: argparse.Namespace, summary: InferenceSummary) -> int:
     """Write the maps and print the summary; exit 1 when some images failed."""
-    summary = predict(args)
+    predict(args, summary)
     report(summary, args.save_root)
     return EXIT_FAILED if summary.failed else EXIT_OK
 

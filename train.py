@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -18,6 +19,7 @@ from pipelines.training import TrainConfig, Trainer
 from utils.device import AMP_CHOICES
 from utils.distributed import cleanup_distributed, init_distributed
 from utils.errors import run_cli
+from utils.imageio import DEFAULT_MAX_PIXELS
 from utils.logs import configure_logging
 
 
@@ -80,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode JPEGs at reduced scale and box-reduce masks (both still >= --trainsize), then resize "
                         "with torch's uint8 kernel: faster loading of large photos (benchmark.py --only data; README), "
                         "pixel values differ slightly from the release's")
+    g.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse images whose header says more pixels than this before decoding (decompression "
+                        "bombs; skipped or stopped as --on_bad says). Default: PIL's own limit, which every "
+                        "DIS5K image fits")
     g.add_argument("--cache_dir", default=None,
                    help="cache each resized pair here (about 4*trainsize^2 bytes) so later epochs skip decoding")
     g.add_argument("--num_workers", type=int, default=d.num_workers,
@@ -127,22 +133,38 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def train(cfg: TrainConfig) -> int:
-    """Join the process group (under torchrun), train, leave it."""
+def train(cfg: TrainConfig, running: list[Trainer] | None = None) -> int:
+    """Join the process group (under torchrun), train, leave it; the Trainer is appended to `running`."""
     try:
         ctx = init_distributed(cfg.device, cfg.backend)
         configure_logging(ctx.rank)
         with logging_redirect_tqdm():
-            Trainer(cfg, ctx).fit()
+            trainer = Trainer(cfg, ctx)
+            if running is not None:
+                running.append(trainer)
+            trainer.fit()
     finally:
         cleanup_distributed()
     return 0
 
 
+def progress(cfg: TrainConfig, running: list[Trainer]) -> str:
+    """Where an interrupted run stopped and the checkpoint to resume from."""
+    if not running:
+        return "before training started; nothing was saved"
+    state = running[0].state
+    last = Path(cfg.save_root) / cfg.train_save / "last.pth"
+    where = f"in epoch {state.epoch + 1} of {cfg.epoch} ({state.epoch} completed)"
+    if not last.is_file():
+        return f"{where}; no checkpoint was saved yet"
+    return f"{where}; resume with --pre_model {last}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags and train; a problem ends in one `error:` line and the exit code of utils.errors."""
     cfg = config_from_args(build_parser().parse_args(argv))
-    return run_cli(lambda: train(cfg))
+    running: list[Trainer] = []
+    return run_cli(lambda: train(cfg, running), interrupted=lambda: progress(cfg, running))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import re
+import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -37,11 +38,46 @@ class CheckpointError(FSANetError):
     """A checkpoint or weights file that cannot be used; the message names the file and the fix."""
 
 
+# A PyTorch checkpoint is a zip archive (torch >= 1.6) or, in the legacy format, a pickle (protocol 2+).
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_MAGIC = b"\x80"
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why `path` is not a PyTorch checkpoint at all (a folder, empty, text, another format), or None."""
+    if path.is_dir():
+        return f"{path} is a folder, not a checkpoint file; pass the .pth file inside it"
+    if not path.exists():
+        return f"checkpoint not found: {path}"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return f"{path} is empty (0 bytes), not a PyTorch checkpoint; the save was probably interrupted"
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC):
+        return None
+    kind = "a text file" if _looks_like_text(head) else f"binary data starting with {head[:8]!r}"
+    return (f"{path} is {kind}, not a PyTorch checkpoint (a .pth file saved by torch.save); "
+            "check the --pth_path / --pre_model path")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """True when the first bytes of a file decode as printable UTF-8 text."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\r\n\t" for c in text)
+
+
 def torch_load_weights(path: str | os.PathLike) -> object:
     """torch.load with weights_only=True, turning every failure into a CheckpointError."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        problem = _not_a_checkpoint(path)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({err.strerror or err})") from None
+    if problem:
+        raise CheckpointError(problem)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -51,10 +87,12 @@ def torch_load_weights(path: str | os.PathLike) -> object:
                 f"unpickle it (weights_only=True). Re-save it as a plain state dict."
             ) from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({err})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format): "
-                              f"{reason}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, IndexError, struct.error) as err:
+        reason = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
+        if isinstance(err, (KeyError, IndexError, EOFError, struct.error)) or reason.isdigit() or len(reason) < 8:
+            reason = "its data ends early or is damaged"
+        raise CheckpointError(f"{path} is a truncated or damaged PyTorch checkpoint ({reason}); "
+                              "copy or save it again") from None
 
 
 def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -124,9 +162,16 @@ def describe_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch
 
 def check_compatible(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise CheckpointError naming every missing, unexpected or wrongly shaped key."""
-    problems = describe_mismatch(model.state_dict(), state)
+    own = model.state_dict()
+    problems = describe_mismatch(own, state)
     if problems:
-        raise CheckpointError(f"{source} does not match this FSANet architecture; {problems}")
+        differing = {k for k in own.keys() ^ state.keys()} | {k for k in state if k in own and
+                                                               state[k].shape != own[k].shape}
+        hint = ""
+        if differing and all(k.startswith("freq_encoder.") for k in differing):
+            hint = " (only the frequency encoder differs: pass the --freq_encoder it was trained with, resnet50 " \
+                   "or res2net50)"
+        raise CheckpointError(f"{source} does not match this FSANet architecture{hint}; {problems}")
 
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> nn.Module:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from utils.atomic import atomic_path
+from utils.atomic import atomic_path, os_reason
 
 LOWER_IS_BETTER = frozenset({"MAE", "HCE"})
 Rows = Mapping[str, Mapping[str, Any]]  # dataset -> {metric: value, "n": images}
@@ -192,15 +192,14 @@ def save_plots(curves: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]], tab
     return written
 
 
-class ReportError(Exception):
-    """A report file that cannot be written; the message names it."""
-
-
 def write_reports(results: Mapping[str, Mapping[str, Any]], tables: MethodRows, metrics: Sequence[str],
                   digits: int, json_path: Path | None = None, csv_path: Path | None = None,
                   latex_path: Path | None = None, per_image_path: Path | None = None,
-                  plot_dir: Path | None = None) -> None:
-    """Write the requested files from {method: {dataset: DatasetResult}}; single-method layouts for one method."""
+                  plot_dir: Path | None = None) -> list[str]:
+    """Write the requested files from {method: {dataset: DatasetResult}} (single-method layouts for one method).
+
+    Each output is tried whatever happened to the others; returns one line per output that could not be written.
+    """
     single = len(tables) == 1
     only = next(iter(tables.values()))
     images = {m: {d: r.images for d, r in per.items()} for m, per in results.items()}
@@ -211,10 +210,13 @@ def write_reports(results: Mapping[str, Mapping[str, Any]], tables: MethodRows, 
                                                  else comparison_latex(tables, metrics, digits), p)),
                (per_image_path, lambda p: write_per_image_csv(images, p, not single)),
                (plot_dir, lambda p: save_plots(curves, tables, p))]
+    failed = []
     for path, write in writers:
         if path is None:
             continue
         try:
             write(Path(path))
         except OSError as e:
-            raise ReportError(f"cannot write {path}: {e}") from e
+            failed.append(f"cannot write {path} ({os_reason(e)}); the table above is complete, rerun with a "
+                          "writable path for this output")
+    return failed

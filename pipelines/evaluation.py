@@ -15,6 +15,7 @@ import functools
 import logging
 import multiprocessing as mp
 import os
+import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from pipelines import eval_reports as reports
 from utils.dis5k import EVAL_SPLITS, TE_MEAN_ROW, TE_SUBSETS, expected_folders, split_folders
 from utils.errors import FSANetError, RunError, listing
 from utils.gt_cache import cached_boundary_ground, cached_skeleton, cached_wf_ground
-from utils.imageio import ImageReadError, list_images, read_mask
+from utils.imageio import ImageReadError, list_images, max_pixels, read_mask, set_max_pixels
 from utils.metrics import (
     BINARY_THRESHOLD,
     BOUNDARY_METRICS,
@@ -81,6 +82,7 @@ class ImageResult:
     error: str | None = None
     cache_error: str | None = None
     cached: bool = False
+    pred_mode: str | None = None  # the prediction file's mode when it was not grayscale (converted to L)
 
 
 @dataclass
@@ -181,7 +183,8 @@ def evaluate_image(task: ImageTask) -> ImageResult:
         if hit is not None:
             return ImageResult(task.stem, hit["state"], hit["pred_size"], cached=True)
         gt = np.asarray(read_mask(task.gt, data=gt_bytes))
-        pred = np.asarray(read_mask(task.pred, data=pred_bytes))
+        pred_image = read_mask(task.pred, data=pred_bytes)
+        pred = np.asarray(pred_image)
     except ImageReadError as e:
         return ImageResult(task.stem, error=str(e))
     pred_size = None
@@ -201,12 +204,20 @@ def evaluate_image(task: ImageTask) -> ImageResult:
         except OSError as e:
             store_error = f"{type(e).__name__}: {e}"
     cache_error = skeleton_error or wf_error or bands_error or store_error
-    return ImageResult(task.stem, state, pred_size, None, cache_error)
+    mode = pred_image.info.get("source_mode")
+    return ImageResult(task.stem, state, pred_size, None, cache_error, pred_mode=None if mode in _GRAY_MODES else mode)
 
 
-def _init_worker() -> None:
-    """Keep OpenCV single-threaded in workers: the pool already uses every core."""
+# Modes read as gray levels unchanged; any other (RGB, palette, with alpha) is converted to L with a note.
+_GRAY_MODES = frozenset({None, "L", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def _init_worker(pixel_budget: int) -> None:
+    """Keep OpenCV single-threaded in workers (the pool already uses every core); leave Ctrl-C to the parent,
+    which reports it in one line, instead of one traceback per worker; use the parent's pixel budget."""
     cv2.setNumThreads(1)
+    set_max_pixels(pixel_budget)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -222,7 +233,8 @@ def image_mapper(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterat
         context.set_forkserver_preload([__name__])
     else:
         context = mp.get_context("spawn")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                               initargs=(max_pixels(),))
     try:
         yield functools.partial(pool.map, chunksize=1)
     finally:
@@ -239,6 +251,7 @@ def evaluate_dataset(name: str, tasks: Sequence[ImageTask], mapper: Callable, pr
     unreadable: list[str] = []
     resized: list[str] = []
     cache_errors: set[str] = set()
+    colored: list[str] = []
     results = mapper(evaluate_image, tasks)
     for result in tqdm(results, total=len(tasks), desc=name_shown, unit="img", disable=None if progress else True):
         if result.error is not None:
@@ -251,11 +264,16 @@ def evaluate_dataset(name: str, tasks: Sequence[ImageTask], mapper: Callable, pr
             resized.append(f"{result.stem}.png ({size})")
         if result.cache_error is not None:
             cache_errors.add(result.cache_error)
+        if result.pred_mode is not None:
+            colored.append(f"{result.stem}.png ({result.pred_mode})")
     if unreadable:
         raise EvalFailed(f"{name_shown}: {len(unreadable)} unreadable image(s): {listing(unreadable, sep='; ')}")
     if resized:
         logger.warning("%s: %d prediction(s) differ in size from their GT and were resized to it (bilinear): %s",
                        name_shown, len(resized), listing(resized))
+    if colored:
+        logger.warning("%s: %d prediction(s) are not grayscale and were converted to gray levels (PIL's L: "
+                       "0.299 R + 0.587 G + 0.114 B, alpha dropped): %s", name_shown, len(colored), listing(colored))
     if cache_errors:
         logger.warning("%s: could not write the HCE skeleton cache or other eval cache entries (%s); "
                        "evaluation went on without it",
@@ -336,18 +354,15 @@ def summary_rows(results: dict[str, DatasetResult]) -> dict[str, dict[str, Any]]
 
 
 def write_outputs(config: EvalConfig, results: dict[str, dict[str, DatasetResult]],
-                  tables: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """Write every file config asks for; EvalError naming the one that cannot be written."""
-    try:
-        reports.write_reports(results, tables, config.metrics, config.digits, json_path=config.save_json,
-                              csv_path=config.save_csv, latex_path=config.save_latex,
-                              per_image_path=config.per_image_csv, plot_dir=config.plot_dir)
-    except reports.ReportError as e:
-        raise EvalFailed(str(e)) from e
+                  tables: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Write every file config asks for; returns one line per output that could not be written."""
+    return reports.write_reports(results, tables, config.metrics, config.digits, json_path=config.save_json,
+                                 csv_path=config.save_csv, latex_path=config.save_latex,
+                                 per_image_path=config.per_image_csv, plot_dir=config.plot_dir)
 
 
-def run_evaluation(config: EvalConfig) -> str:
-    """Evaluate, write the requested files and return the Markdown table(s) of config.metrics."""
+def run_evaluation(config: EvalConfig) -> tuple[str, list[str]]:
+    """Evaluate and write the requested files: the Markdown table(s) of config.metrics and the outputs that failed."""
     specs = [config.pred_root] if isinstance(config.pred_root, (str, Path)) else list(config.pred_root)
     methods = parse_methods(specs)
     boundary = any(m in BOUNDARY_METRICS for m in config.metrics)
@@ -358,9 +373,9 @@ def run_evaluation(config: EvalConfig) -> str:
         results, gt_counts = evaluate_methods(methods, config.gt_root, config.datasets, config.workers,
                                               config.cache_dir, boundary=boundary)
     tables = {method: summary_rows(per) for method, per in results.items()}
-    write_outputs(config, results, tables)
+    failed = write_outputs(config, results, tables)
     if len(methods) == 1:
-        return reports.markdown_table(tables[methods[0].name], config.metrics, config.digits)
+        return reports.markdown_table(tables[methods[0].name], config.metrics, config.digits), failed
     if all(s in gt_counts for s in TE_SUBSETS):
         gt_counts[TE_MEAN_ROW] = sum(gt_counts[s] for s in TE_SUBSETS)
-    return reports.comparison_markdown(tables, config.metrics, config.digits, gt_counts)
+    return reports.comparison_markdown(tables, config.metrics, config.digits, gt_counts), failed

@@ -24,11 +24,20 @@ from tqdm import tqdm
 
 from lib import FSANet, load_checkpoint
 from lib.fast import optimize_for_inference
+from utils.atomic import remove_stale_temps
 from utils.data import image_tensor
 from utils.device import AMP_CHOICES, amp_dtype, autocast
 from utils.dis5k import expected_folders, split_folders
-from utils.errors import FSANetError
-from utils.imageio import IMAGE_EXTENSIONS, ImageReadError, image_size, list_images, read_rgb, write_png
+from utils.errors import FSANetError, listing
+from utils.imageio import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    image_size,
+    is_readable_png,
+    list_images,
+    read_rgb,
+    write_png,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,7 @@ class Job:
     name: str
     images: tuple[Path, ...]
     save_dir: Path
+    exif: bool = False  # apply EXIF orientation (--input mode); DIS5K mode reads pixels as the release
 
 
 @dataclass
@@ -125,8 +135,9 @@ def check_options(options: InferenceOptions) -> None:
                              "use --amp bf16 on CPU")
 
 
-def folder_job(input_dir: str | os.PathLike, save_dir: str | os.PathLike, name: str | None = None) -> Job:
-    """Every image directly in `input_dir`, mapped to `<save_dir>/<stem>.png`."""
+def folder_job(input_dir: str | os.PathLike, save_dir: str | os.PathLike, name: str | None = None,
+               exif: bool = False) -> Job:
+    """Every image directly in `input_dir`, mapped to `<save_dir>/<stem>.png`; `exif`: apply EXIF orientation."""
     input_dir, save_dir = Path(input_dir), Path(save_dir)
     try:
         images = list_images(input_dir)
@@ -142,7 +153,18 @@ def folder_job(input_dir: str | os.PathLike, save_dir: str | os.PathLike, name: 
         names = ", ".join(p.name for p in images if p.stem in clashes[:3])
         raise InferenceError(f"{input_dir}: images share a file stem and would write the same map ({names}); "
                              "rename or move one of each")
-    return Job(name or input_dir.name, tuple(images), save_dir)
+    _note_ignored_files(input_dir, images)
+    return Job(name or input_dir.name, tuple(images), save_dir, exif)
+
+
+def _note_ignored_files(input_dir: Path, images: Sequence[Path]) -> None:
+    """Say which files of the folder are not predicted (a .gif, a .heic), so none is skipped silently."""
+    kept = set(images)
+    ignored = sorted(p.name for p in input_dir.iterdir()
+                     if p not in kept and not p.name.startswith(".") and p.is_file())
+    if ignored:
+        log.warning("%s: ignoring %d file(s) that are not a supported image type (%s): %s", input_dir,
+                    len(ignored), " ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS)), listing(ignored))
 
 
 def split_image_dir(split: Path) -> Path:
@@ -177,11 +199,13 @@ def load_model(pth_path: str | os.PathLike, freq_encoder: str, device: torch.dev
 class ImageListDataset(Dataset):
     """Reads, resizes and normalises images; an unreadable file becomes a LoadedImage with an error."""
 
-    def __init__(self, paths: Sequence[Path], testsize: int, fast_decode: bool = False) -> None:
-        """Images `paths`, resized to `testsize` square; `fast_decode` allows reduced JPEG decoding."""
+    def __init__(self, paths: Sequence[Path], testsize: int, fast_decode: bool = False, exif: bool = False) -> None:
+        """Images `paths`, resized to `testsize` square; `fast_decode` allows reduced JPEG decoding; `exif`
+        applies the EXIF orientation (the map then has the displayed orientation)."""
         self.paths = list(paths)
         self.testsize = testsize
         self.fast_decode = fast_decode
+        self.exif = exif
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -190,9 +214,9 @@ class ImageListDataset(Dataset):
         """The model input and file size of image `index`, or why it cannot be read."""
         path = self.paths[index]
         try:
-            image = read_rgb(path, min_side=self.testsize if self.fast_decode else None)
+            image = read_rgb(path, min_side=self.testsize if self.fast_decode else None, exif=self.exif)
             # Reduced JPEG decoding shrinks the decoded image; the map keeps the file's own size.
-            width, height = image_size(path) if self.fast_decode else image.size
+            width, height = image_size(path, exif=self.exif) if self.fast_decode else image.size
         except ImageReadError as e:
             return LoadedImage(index, None, (0, 0), str(e))
         return LoadedImage(index, image_tensor(image, self.testsize, exact=not self.fast_decode), (height, width))
@@ -224,16 +248,22 @@ def map_path(save_dir: Path, image: Path) -> Path:
     return save_dir / f"{image.stem}.png"
 
 
-def predict_job(model: nn.Module, job: Job, options: InferenceOptions) -> InferenceSummary:
-    """Write the map of every image of `job`; unreadable images are logged and counted, not fatal."""
+def predict_job(model: nn.Module, job: Job, options: InferenceOptions,
+                summary: InferenceSummary | None = None) -> InferenceSummary:
+    """Write the map of every image of `job`; unreadable images are logged and counted, not fatal.
+
+    `summary` is updated as maps are written, so a caller interrupted midway knows what was done.
+    """
     start = time.perf_counter()
-    summary = InferenceSummary()
+    summary = InferenceSummary() if summary is None else summary
+    remove_stale_temps(job.save_dir, (".png",))
     todo = list(job.images)
     if options.skip_existing:
-        todo = [p for p in todo if not map_path(job.save_dir, p).is_file()]
-        summary.skipped = len(job.images) - len(todo)
+        # An empty or cut map (written by another tool; ours are atomic) counts as missing.
+        todo = [p for p in todo if not is_readable_png(map_path(job.save_dir, p))]
+        summary.skipped += len(job.images) - len(todo)
     if not todo:
-        log.info("%s: all %d maps exist, nothing to do", job.name, summary.skipped)
+        log.info("%s: all %d maps exist, nothing to do", job.name, len(job.images))
         return summary
     try:
         job.save_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +271,7 @@ def predict_job(model: nn.Module, job: Job, options: InferenceOptions) -> Infere
         raise InferenceError(f"{job.save_dir}: cannot create the output folder ({e.strerror}); "
                              "choose another --save_root") from None
     loader = DataLoader(
-        ImageListDataset(todo, options.testsize, options.fast_decode),
+        ImageListDataset(todo, options.testsize, options.fast_decode, job.exif),
         batch_size=options.batch_size, shuffle=False, num_workers=options.num_workers,
         collate_fn=collate_samples, pin_memory=options.device.type == "cuda",
     )
@@ -251,7 +281,7 @@ def predict_job(model: nn.Module, job: Job, options: InferenceOptions) -> Infere
             if batch.images is not None:
                 _predict_batch(model, batch, todo, job.save_dir, options, summary)
             bar.update(len(batch))
-    summary.seconds = time.perf_counter() - start
+    summary.seconds += time.perf_counter() - start
     return summary
 
 
@@ -280,14 +310,15 @@ def _predict_batch(model: nn.Module, batch: Batch, paths: Sequence[Path], save_d
             summary.written += 1
 
 
-def predict_jobs(model: nn.Module, jobs: Sequence[Job], options: InferenceOptions) -> InferenceSummary:
-    """Run every job with one model; the summary covers all of them."""
+def predict_jobs(model: nn.Module, jobs: Sequence[Job], options: InferenceOptions,
+                 total: InferenceSummary | None = None) -> InferenceSummary:
+    """Run every job with one model; the summary (`total`, updated live when given) covers all of them."""
     check_options(options)
     model.eval()
     if options.device.type == "cuda":
         # Every batch has the same testsize x testsize shape, so cuDNN's autotuning pays off.
         torch.backends.cudnn.benchmark = True
-    total = InferenceSummary()
+    total = InferenceSummary() if total is None else total
     for job in jobs:
-        total.merge(predict_job(model, job, options))
+        predict_job(model, job, options, total)
     return total

@@ -13,7 +13,17 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from utils import data
-from utils.data import DataError, EvalDataset, Pair, TrainDataset, eval_collate, find_split_dirs, pair_samples
+from utils.data import (
+    BadSample,
+    DataError,
+    EvalDataset,
+    Pair,
+    TrainDataset,
+    UndecodableFileError,
+    eval_collate,
+    find_split_dirs,
+    pair_samples,
+)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -194,14 +204,17 @@ def test_cache_matches_uncached_and_is_invalidated(tmp_path: Path, monkeypatch: 
 
 def test_file_unreadable_at_load_time_names_it(tmp_path: Path) -> None:
     image, _ = _pair(tmp_path, "x", (20, 10))
-    train, val = TrainDataset(tmp_path, trainsize=16), EvalDataset(tmp_path, testsize=16)
+    datasets = [TrainDataset(tmp_path, trainsize=16), EvalDataset(tmp_path, testsize=16)]
+    strict = [TrainDataset(tmp_path, trainsize=16, on_bad="error"), EvalDataset(tmp_path, testsize=16, on_bad="error")]
     image.write_bytes(b"broken")
-    for dataset in (train, val):
-        with pytest.raises(DataError, match="x.jpg"):
+    for dataset in datasets:  # on_bad='skip': a named BadSample, which the collate functions drop
+        assert isinstance(dataset[0], BadSample) and "x.jpg" in dataset[0].reason
+    for dataset in strict:
+        with pytest.raises(UndecodableFileError, match="x.jpg.*--on_bad skip") as err:
             dataset[0]
+        assert err.value.exit_code == 1 and "changed after" not in str(err.value)
     image.unlink()
-    with pytest.raises(DataError, match="x.jpg"):
-        train[0]
+    assert "x.jpg: file not found" in datasets[0][0].reason
 
 
 def test_eval_dataset_full_size_gt_and_collate(tmp_path: Path) -> None:
@@ -212,9 +225,9 @@ def test_eval_dataset_full_size_gt_and_collate(tmp_path: Path) -> None:
     want_image, _ = _release_tensors(image_a, gt_a, 32)
     assert stem == "a" and torch.equal(image, want_image)
     assert gt.dtype == np.uint8 and np.array_equal(gt, np.asarray(Image.open(gt_a)))
-    images, gts, stems = eval_collate([dataset[0], dataset[1]])
+    images, gts, stems, bad = eval_collate([dataset[0], dataset[1], BadSample("c.jpg: broken")])
     assert images.shape == (2, 3, 32, 32) and [g.shape for g in gts] == [(30, 40), (20, 50)]
-    assert stems == ["a", "b"]
+    assert stems == ["a", "b"] and bad == ["c.jpg: broken"]
 
 
 def test_fast_decode_in_forked_dataloader_workers(tmp_path: Path) -> None:

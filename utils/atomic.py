@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from utils.errors import FSANetError
+
+log = logging.getLogger(__name__)
 
 # Read once at import: os.umask can only be read by setting it, which is not thread-safe later.
 _UMASK = os.umask(0)
@@ -36,5 +43,62 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save that leaves either the old file or the complete new one, never a partial one."""
     import torch  # here, not at the top: image and eval tools use this module without needing torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # Through a Python file object a full disk raises OSError(ENOSPC); given a path, torch's own
+        # writer reports it as "[enforce fail at inline_container.cc] unexpected pos".
+        torch.save(obj, f)
+
+
+# mkstemp's names for atomic_path: ".<target name>.<8 random characters>.tmp".
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def is_temp_name(name: str, target_suffixes: tuple[str, ...]) -> bool:
+    """True for a temporary file atomic_path makes for a target ending in one of `target_suffixes`."""
+    match = _TEMP_NAME.match(name)
+    return bool(match) and match.group("target").lower().endswith(target_suffixes)
+
+
+def remove_stale_temps(folder: str | os.PathLike, target_suffixes: tuple[str, ...]) -> list[Path]:
+    """Delete temp files a killed run of ours left in `folder` (only names atomic_path makes); log them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if is_temp_name(path.name, target_suffixes) and path.is_file():
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    if removed:
+        log.info("removed %d temporary file(s) an interrupted run left in %s: %s", len(removed), folder,
+                 ", ".join(p.name for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
+    return removed
+
+
+class UnwritableFolderError(FSANetError):
+    """An output folder that cannot be created or written to (exit 2: refused before any work)."""
+
+
+def os_reason(error: OSError) -> str:
+    """The OS's reason for a failed file operation, e.g. 'no space left on device'."""
+    if error.errno is not None:
+        return os.strerror(error.errno).lower() if error.errno != errno.ENOSPC else "no space left on device"
+    return str(error) or type(error).__name__
+
+
+def check_writable_dir(folder: str | os.PathLike, flag: str) -> None:
+    """Prove files can be written in `folder` (or, if it does not exist yet, created in its nearest existing
+    parent) without leaving anything behind; UnwritableFolderError naming `flag` and the reason if not."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder", str(existing))
+        fd, probe = tempfile.mkstemp(prefix=".fsanet-write-check.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        where = "" if existing == folder else f"{existing}: "
+        raise UnwritableFolderError(f"{flag} {folder}: cannot write there ({where}{os_reason(e)}); "
+                                    f"choose a writable folder for {flag}") from None

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from utils.atomic import atomic_path
 from utils.dis5k import expected_folders, split_folders
-from utils.errors import FSANetError, listing
+from utils.errors import EXIT_FAILED, FSANetError, listing
 from utils.imageio import ImageReadError, image_size, list_images, read_mask, read_rgb
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,27 @@ _LIST_SEP = "\n  "
 
 class DataError(FSANetError):
     """A dataset folder or file that cannot be used; the message names it and says what to fix."""
+
+
+class UndecodableFileError(DataError):
+    """A file that passed indexing (headers only) but whose data cannot be decoded, with on_bad='error'."""
+
+    exit_code = EXIT_FAILED
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """A pair whose file could not be decoded (on_bad='skip'): the collate functions drop it and pass the reason on."""
+
+    reason: str
+
+
+def _undecodable(error: ImageReadError, on_bad: str) -> BadSample:
+    """The BadSample of a failed decode, or (on_bad='error') the error that stops the run."""
+    if on_bad == "error":
+        raise UndecodableFileError(f"{error}. Indexing reads headers only, so its damaged data showed when it was "
+                                   "decoded; fix or remove the file, or pass --on_bad skip") from None
+    return BadSample(str(error))
 
 
 @dataclass(frozen=True)
@@ -207,6 +228,7 @@ class TrainDataset(Dataset):
                  on_bad: str = "skip") -> None:
         """Pair `source` (a split folder, or a list of Pairs) and set the preprocessing options."""
         self.samples = _as_samples(source, on_bad)
+        self.on_bad = on_bad
         self.trainsize = int(trainsize)
         self.hflip = hflip
         self.fast_decode = fast_decode
@@ -218,11 +240,8 @@ class TrainDataset(Dataset):
     def _decode_resized(self, sample: Pair) -> torch.Tensor:
         """Decode and resize one pair into a 4xSxS uint8 tensor (RGB + mask)."""
         size = self.trainsize
-        try:
-            image = read_rgb(sample.image, min_side=size if self.fast_decode else None)
-            mask = read_mask(sample.gt, min_side=size if self.fast_decode else None)
-        except ImageReadError as e:
-            raise DataError(f"{e}; the file changed after the dataset was indexed") from None
+        image = read_rgb(sample.image, min_side=size if self.fast_decode else None)
+        mask = read_mask(sample.gt, min_side=size if self.fast_decode else None)
         if self.fast_decode and image.size == mask.size:
             image.putalpha(mask)  # one RGBA resize costs what the RGB one alone would
             return resize_uint8(image, size, exact=False)
@@ -253,9 +272,16 @@ class TrainDataset(Dataset):
             np.save(f, pair.contiguous().numpy(), allow_pickle=False)
         return pair
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image 3xSxS, mask 1xSxS) of pair `index`, flipped together when hflip draws it."""
-        pair = to_unit_float(self._load_resized(self.samples[index]))
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | BadSample:
+        """(image 3xSxS, mask 1xSxS) of pair `index`, flipped together when hflip draws it.
+
+        A file that cannot be decoded gives a BadSample (on_bad='skip'; batch with `train_collate`) or
+        raises UndecodableFileError (on_bad='error').
+        """
+        try:
+            pair = to_unit_float(self._load_resized(self.samples[index]))
+        except ImageReadError as e:
+            return _undecodable(e, self.on_bad)
         image, mask = normalize_rgb(pair[:3]), pair[3:]
         if self.hflip and torch.rand(()) < 0.5:
             image, mask = TF.hflip(image), TF.hflip(mask)
@@ -274,24 +300,41 @@ class EvalDataset(Dataset):
                  fast_decode: bool = False, on_bad: str = "skip") -> None:
         """Pair `source` (a split folder, or a list of Samples) and build the image transform."""
         self.samples = _as_samples(source, on_bad)
+        self.on_bad = on_bad
         self.testsize = int(testsize)
         self.fast_decode = fast_decode
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, np.ndarray, str]:
-        """(image 3xSxS, mask HxW uint8 at its file's size, stem) of pair `index`."""
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, np.ndarray, str] | BadSample:
+        """(image 3xSxS, mask HxW uint8 at its file's size, stem) of pair `index` (or a BadSample, as TrainDataset)."""
         sample = self.samples[index]
         try:
             image = read_rgb(sample.image, min_side=self.testsize if self.fast_decode else None)
             mask = read_mask(sample.gt)
         except ImageReadError as e:
-            raise DataError(f"{e}; the file changed after the dataset was indexed") from None
+            return _undecodable(e, self.on_bad)
         return image_tensor(image, self.testsize, exact=not self.fast_decode), np.asarray(mask), sample.stem
 
 
-def eval_collate(batch: list[tuple[torch.Tensor, np.ndarray, str]]) -> tuple[torch.Tensor, list[np.ndarray], list[str]]:
-    """Stack EvalDataset images; keep the differently sized masks and the stems as lists."""
-    images, masks, stems = zip(*batch)
-    return torch.stack(images), list(masks), list(stems)
+def eval_collate(batch: list[tuple[torch.Tensor, np.ndarray, str] | BadSample],
+                 ) -> tuple[torch.Tensor | None, list[np.ndarray], list[str], list[str]]:
+    """Stack EvalDataset images; keep the masks (of different sizes), the stems and bad samples' reasons as lists."""
+    good = [b for b in batch if not isinstance(b, BadSample)]
+    bad = [b.reason for b in batch if isinstance(b, BadSample)]
+    if not good:
+        return None, [], [], bad
+    images, masks, stems = zip(*good)
+    return torch.stack(images), list(masks), list(stems), bad
+
+
+def train_collate(batch: list[tuple[torch.Tensor, torch.Tensor] | BadSample],
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:
+    """(images, masks, reasons): the decodable samples stacked (None when there is none) and why others failed."""
+    good = [b for b in batch if not isinstance(b, BadSample)]
+    bad = [b.reason for b in batch if isinstance(b, BadSample)]
+    if not good:
+        return None, None, bad
+    images, masks = default_collate(good)
+    return images, masks, bad

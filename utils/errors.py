@@ -34,12 +34,22 @@ def run_cli(body: Callable[[], int], interrupted: Callable[[], str] | None = Non
     try:
         return body()
     except FSANetError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         done = interrupted() if interrupted is not None else ""
         print(f"interrupted{': ' + done if done else ''}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line; for an error re-raised from a DataLoader worker (which wraps it as
+    'Caught X in DataLoader worker ... Original Traceback ...'), the original message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
 
 
 def listing(items: Sequence[str], limit: int = 10, sep: str = ", ") -> str:

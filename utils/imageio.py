@@ -5,10 +5,15 @@ for masks: an alpha channel is dropped, not composited; EXIF orientation is not 
 corrections that change nothing for 8-bit files: 16-bit images are scaled to 8 bits (`>> 8`) instead
 of being clipped at 255 by PIL, and every failure surfaces as one `ImageReadError` naming the file.
 
-PIL's decompression-bomb guard is lifted while this module opens and decodes a file (DIS5K images
-are large and trusted): `Image.MAX_IMAGE_PIXELS` is set to None for the duration of our own calls
-and restored afterwards, so other code keeps PIL's default except while a read here is in flight
-in another thread of the same process.
+Decompression bombs: every read checks the pixel count in the file's header against a budget before
+decoding (`max_pixels()`, default PIL's own error limit, 2 x `Image.MAX_IMAGE_PIXELS`, which the
+release ran under and every DIS5K image fits; `set_max_pixels` raises it) and refuses the file with
+an `ImageReadError` naming it. PIL's own guard is lifted while this module opens a file so that its
+warning and error do not fire twice: `Image.MAX_IMAGE_PIXELS` is set to None for the duration of our
+own calls and restored afterwards.
+
+`exif=True` (test.py's --input mode) applies the EXIF orientation, as image viewers show a photo; the
+release, and DIS5K mode, read the stored pixels as they are.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils.atomic import atomic_path
 from utils.errors import FSANetError
@@ -33,6 +38,13 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", "
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error)
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
+# PIL raises DecompressionBombError above twice its MAX_IMAGE_PIXELS (it only warns between 1x and 2x).
+DEFAULT_MAX_PIXELS: int = 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+_max_pixels = DEFAULT_MAX_PIXELS
+# EXIF orientations 5-8 rotate by 90 or 270 degrees: width and height swap.
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION = 0x0112
+
 _bomb_lock = threading.Lock()
 _bomb_depth = 0
 _bomb_saved: int | None = None
@@ -40,6 +52,36 @@ _bomb_saved: int | None = None
 
 class ImageReadError(FSANetError):
     """An image or mask file that cannot be read; the message names the file and the reason."""
+
+
+def max_pixels() -> int:
+    """The pixel budget: files whose header says more pixels are refused before decoding."""
+    return _max_pixels
+
+
+def set_max_pixels(limit: int | None) -> None:
+    """Set the pixel budget of this process (None: the default, PIL's own limit); workers forked later inherit it."""
+    global _max_pixels
+    if limit is not None and limit < 1:
+        raise ValueError(f"the pixel budget must be positive, not {limit}")
+    _max_pixels = DEFAULT_MAX_PIXELS if limit is None else int(limit)
+
+
+def _check_budget(path: Path, size: tuple[int, int]) -> None:
+    """ImageReadError when the header's width x height exceeds the pixel budget (nothing decoded yet)."""
+    pixels = size[0] * size[1]
+    if pixels > _max_pixels:
+        raise ImageReadError(f"{path}: header says {size[0]}x{size[1]} = {pixels:,} pixels, over the budget of "
+                             f"{_max_pixels:,} (a decompression bomb?); not decoded. If the image is genuine, "
+                             "raise the budget with --max_pixels")
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag of an opened image (1 when absent or unreadable)."""
+    try:
+        return int(im.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block must not stop a read; it is then ignored
+        return 1
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -95,37 +137,47 @@ def _reduce_factor(size: tuple[int, int], min_side: int | None) -> int:
     return next((f for f in (8, 4, 2) if scale >= f), 1)
 
 
-def _decode(path: str | os.PathLike, mode: str, min_side: int | None, data: bytes | None = None) -> Image.Image:
-    """Open, fully decode and convert `path` (or its bytes `data`) to `mode`; any failure is an ImageReadError."""
+def _decode(path: str | os.PathLike, mode: str, min_side: int | None, data: bytes | None = None,
+            exif: bool = False) -> Image.Image:
+    """Open, fully decode and convert `path` (or its bytes `data`) to `mode`; any failure is an ImageReadError.
+
+    The result's `info["source_mode"]` is the file's own mode (e.g. RGB for a color mask).
+    """
     path = Path(path)
     if min_side is not None and min_side < 1:
         raise ValueError(f"min_side must be a positive int or None, not {min_side}")
     try:
         with _bomb_guard_lifted(), Image.open(path if data is None else io.BytesIO(data)) as im:
+            _check_budget(path, im.size)
+            source_mode = im.mode
             if min_side is not None and im.format == "JPEG":
                 # Reduced-resolution DCT decoding: PIL picks the largest 1/2/4/8 scale that keeps
                 # both sides >= min_side, so a later resize to min_side never upsamples.
                 im.draft(mode, (int(min_side), int(min_side)))
             im.load()
-            out = _to_8bit(im)
+            out = ImageOps.exif_transpose(im) if exif and _orientation(im) != 1 else im
+            out = _to_8bit(out)
             out = out if out.mode == mode else out.convert(mode)
+            out.info["source_mode"] = source_mode
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
+    except MemoryError:
+        raise ImageReadError(f"{path}: not enough memory to decode it; free memory or skip this file") from None
     except _DECODE_ERRORS as e:
         raise ImageReadError(f"{path}: cannot decode image ({_reason(e)})") from e
     factor = _reduce_factor(out.size, min_side)
     return out.reduce(factor) if factor > 1 else out
 
 
-def read_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+def read_rgb(path: str | os.PathLike, min_side: int | None = None, exif: bool = False) -> Image.Image:
     """Read an image as mode RGB; `min_side` allows a cheaper reduced decode keeping both sides >= it.
 
     With `min_side`, JPEGs use reduced-scale DCT decoding (PIL `draft`) and other formats are
     box-reduced (`Image.reduce`) by the same 1/2/4/8 rule, so the result has both sides >= min_side
     and a resize to min_side never upsamples; pixel values differ slightly from the full decode.
-    None (default) is the exact full decode.
+    None (default) is the exact full decode. `exif=True` applies the EXIF orientation (the release does not).
     """
-    return _decode(path, "RGB", min_side)
+    return _decode(path, "RGB", min_side, exif=exif)
 
 
 def read_mask(path: str | os.PathLike, min_side: int | None = None, data: bytes | None = None) -> Image.Image:
@@ -136,16 +188,31 @@ def read_mask(path: str | os.PathLike, min_side: int | None = None, data: bytes 
     return _decode(path, "L", min_side, data)
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of an image file from its header, without decoding pixels."""
+def image_size(path: str | os.PathLike, exif: bool = False) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding pixels (refused over the budget).
+
+    `exif=True`: the size as displayed, after the EXIF orientation (read_rgb's size with exif=True).
+    """
     path = Path(path)
     try:
         with _bomb_guard_lifted(), Image.open(path) as im:
-            return im.size
+            _check_budget(path, im.size)
+            width, height = im.size
+            return (height, width) if exif and _orientation(im) in _SWAPPING_ORIENTATIONS else (width, height)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
     except _DECODE_ERRORS as e:
         raise ImageReadError(f"{path}: cannot read image header ({_reason(e)})") from e
+
+
+def is_readable_png(path: str | os.PathLike) -> bool:
+    """True when `path` is a complete image file (header and chunk checksums verified, pixels not decoded)."""
+    try:
+        with _bomb_guard_lifted(), Image.open(path) as im:
+            im.verify()
+    except (*_DECODE_ERRORS, MemoryError):
+        return False
+    return True
 
 
 def write_png(array: np.ndarray, path: str | os.PathLike) -> Path:

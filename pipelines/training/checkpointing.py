@@ -18,7 +18,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lib.checkpoint import extract_state_dict, load_weights, strip_wrapper_prefixes, torch_load_weights
-from utils.atomic import atomic_torch_save
+from utils.atomic import atomic_torch_save, os_reason
+from utils.errors import RunError
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,21 @@ def training_checkpoint(model: nn.Module, optimizer: Optimizer, scaler: torch.am
     }
 
 
+class CheckpointSaveError(RunError):
+    """A checkpoint could not be written (full disk, folder gone); the previous file of that name is kept."""
+
+
 def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
-    """Write a checkpoint atomically: a crash mid-write keeps the previous file whole."""
-    atomic_torch_save(checkpoint, path)
+    """Write a checkpoint atomically: a crash or failed write keeps the previous file whole, no temp file left."""
+    try:
+        atomic_torch_save(checkpoint, path)
+    except (OSError, RuntimeError) as e:
+        reason = os_reason(e) if isinstance(e, OSError) else str(e).splitlines()[0]
+        kept = f"the previous {path.name} is kept" if path.is_file() else "no earlier copy exists"
+        raise CheckpointSaveError(
+            f"{path}: could not save the checkpoint after epoch {checkpoint.get('epoch')} ({reason}); {kept}. "
+            f"Free space or choose another --save_root, then resume with --pre_model {path.parent / 'last.pth'}"
+        ) from None
 
 
 def is_training_checkpoint(ckpt: Any) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from utils.device import AMP_CHOICES
 from utils.errors import FSANetError, RunError
 
+log = logging.getLogger(__name__)
 
 class TrainingError(FSANetError):
     """A training setup problem; the message names the cause and the fix."""
@@ -57,6 +59,7 @@ class TrainConfig:
     val_every: int = 1
     val_size: int = 992
     stop_after_epoch: int | None = None
+    max_pixels: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for the checkpoint's "args" (tuples become lists)."""
@@ -68,6 +71,15 @@ def check_config(cfg: TrainConfig) -> None:
     problems = []
     if cfg.epoch < 1:
         problems.append(f"--epoch {cfg.epoch}: must be at least 1")
+    if not cfg.lr > 0:
+        problems.append(f"--lr {cfg.lr}: must be positive (release: 2e-4)")
+    if not cfg.weight_decay >= 0:
+        problems.append(f"--weight_decay {cfg.weight_decay}: must be 0 or more (release: 1e-4)")
+    if not cfg.clip > 0:
+        problems.append(f"--clip {cfg.clip}: must be positive; every gradient element is clamped to "
+                        "[-clip, clip], so 0 zeroes all gradients (release: 0.5)")
+    if cfg.max_pixels is not None and cfg.max_pixels < 1:
+        problems.append(f"--max_pixels {cfg.max_pixels}: must be positive")
     if cfg.batchsize < 2:
         problems.append(f"--batchsize {cfg.batchsize}: must be at least 2 (BatchNorm cannot train on one image)")
     if cfg.trainsize < 32:
@@ -86,6 +98,9 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append("--save_every, --save_iters, --val_every and --num_workers must be 0 or more")
     if problems:
         raise TrainingError("; ".join(problems))
+    if cfg.epoch == 1:
+        log.warning("--epoch 1: the poly schedule lr*(1-e/E)^0.9 gives epoch 1 of 1 lr 0, so nothing is learned; "
+                    "use --epoch 2 or more")
 
 
 def check_pretrained(cfg: TrainConfig) -> dict[str, str]:

@@ -45,7 +45,8 @@ from pipelines.training.reproducibility import (
     set_rng_state,
     tensors_digest,
 )
-from utils.data import EvalDataset, TrainDataset, eval_collate
+from utils.atomic import check_writable_dir, remove_stale_temps
+from utils.data import EvalDataset, TrainDataset, eval_collate, train_collate
 from utils.device import autocast
 from utils.distributed import (
     DistContext,
@@ -59,6 +60,7 @@ from utils.distributed import (
     unwrap_model,
     wrap_model,
 )
+from utils.imageio import set_max_pixels
 from utils.losses import RELEASE_WEIGHTS, deep_supervision_loss
 from utils.metrics import ValidationMetrics
 from utils.optim import AdaXW, clip_gradient, poly_lr, set_lr
@@ -83,6 +85,7 @@ class Trainer:
         """Check the options, then build data, model, optimiser and logging; resume --pre_model if given."""
         check_config(cfg)
         pretrained = check_pretrained(cfg)
+        set_max_pixels(cfg.max_pixels)
         self.cfg = cfg
         self.ctx = ctx or init_distributed(cfg.device, cfg.backend)
         self.device = self.ctx.device
@@ -90,7 +93,10 @@ class Trainer:
         if cfg.amp == "fp16" and self.device.type == "cpu":
             log.warning("--amp fp16 on the CPU is many times slower than fp32; use --amp bf16 there")
         self.save_dir = Path(cfg.save_root) / cfg.train_save
+        if self.ctx.is_main:
+            check_writable_dir(self.save_dir, "--save_root")  # before any work, not at the first save
         self.state = RunState()
+        self.bad_seen: set[str] = set()  # undecodable files reported so far (each once per run)
         self.dataset = TrainDataset(cfg.train_path, cfg.trainsize, hflip=cfg.hflip, fast_decode=cfg.fast_decode,
                                     cache_dir=cfg.cache_dir, on_bad=cfg.on_bad)
         replicas = data_parallel_replicas(self.ctx, self.uses_data_parallel)
@@ -120,7 +126,8 @@ class Trainer:
         self.loader_generator = torch.Generator()
         self.loader = DataLoader(self.dataset, batch_size=cfg.batchsize, sampler=self.sampler,
                                  num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
-                                 worker_init_fn=seed_worker, generator=self.loader_generator)
+                                 worker_init_fn=seed_worker, generator=self.loader_generator,
+                                 collate_fn=train_collate)
         self.writer = self._open_writer()
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -171,6 +178,7 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         self.save_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.save_dir, (".pth",))
         if not self.cfg.pre_model and (self.save_dir / "last.pth").exists():
             log.warning("%s already exists and will be overwritten; pass --pre_model %s to resume it instead",
                         self.save_dir / "last.pth", self.save_dir / "last.pth")
@@ -219,8 +227,11 @@ class Trainer:
         bar = tqdm(self.loader, total=total, initial=skip, desc=f"epoch {epoch}/{cfg.epoch}",
                    disable=not self.ctx.is_main or None, dynamic_ncols=True, file=sys.stderr)
         sums = torch.zeros(len(LOSS_NAMES))
-        for images, gts in bar:
+        for images, gts, bad in bar:
             start = time.perf_counter()
+            if self._too_few_decoded(images, bad):
+                self.state.iteration += 1
+                continue
             losses = self.train_batch(images, gts, epoch)
             self.state.iteration += 1
             sums += losses
@@ -232,6 +243,25 @@ class Trainer:
         batches = max(self.state.iteration - skip, 1)
         log.info("epoch %d/%d: lr %.3e, mean loss %.4f over %d batch(es)", epoch, cfg.epoch, lr,
                  float(sums[0]) / batches, batches)
+
+    def _too_few_decoded(self, images: torch.Tensor | None, bad: list[str]) -> bool:
+        """Report undecodable files (each once); True when this batch (on any rank) kept fewer than 2 images."""
+        self._report_undecodable(bad, "")
+        short = torch.tensor([float(images is None or images.shape[0] < 2)])
+        # Every rank must take the same decision, or the next collective would wait forever.
+        if self.ctx.distributed:
+            short = all_reduce_sum(short.to(self.device), self.ctx).cpu()
+        if short.item():
+            log.warning("batch %d skipped: fewer than 2 decodable images left (BatchNorm needs 2)",
+                        self.state.iteration + 1)
+        return bool(short.item())
+
+    def _report_undecodable(self, bad: list[str], where: str) -> None:
+        """Warn about each file that failed to decode, once per run although every epoch meets it."""
+        for reason in bad:
+            if reason not in self.bad_seen:
+                self.bad_seen.add(reason)
+                log.warning("%sskipping %s (it cannot be decoded; --on_bad skip)", where, reason)
 
     def train_batch(self, images: torch.Tensor, gts: torch.Tensor, epoch: int) -> torch.Tensor:
         """The release's multi-scale step: one forward/backward/clamp/step per rate; mean loss terms."""
@@ -323,7 +353,10 @@ class Trainer:
         metrics = ValidationMetrics()
         loader = DataLoader(self.val_set, batch_size=self.cfg.batchsize, num_workers=self.cfg.num_workers,
                             collate_fn=eval_collate)
-        for images, masks, _ in tqdm(loader, desc="validation", leave=False, disable=None, file=sys.stderr):
+        for images, masks, _, bad in tqdm(loader, desc="validation", leave=False, disable=None, file=sys.stderr):
+            self._report_undecodable(bad, "validation: ")
+            if images is None:
+                continue
             images = images.to(self.device)
             with autocast(self.device, self.cfg.amp):
                 logits = model.predict(images)

@@ -18,7 +18,7 @@ import torch
 
 from pipelines.benchmarks.eval_speed import eval_rows
 from pipelines.benchmarks.loading import data_rows
-from pipelines.benchmarks.model import inference_rows, train_rows
+from pipelines.benchmarks.model import TRAIN_VARIANTS, inference_rows, train_rows
 from pipelines.benchmarks.timing import Row, rows_table
 from utils.device import AMP_CHOICES, resolve_device
 from utils.errors import EXIT_OK, run_cli
@@ -39,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train_batch", type=int, default=2, help="training batch size")
     p.add_argument("--train_runs", type=int, default=1, help="timed training batches (median reported)")
     p.add_argument("--train_amp", choices=AMP_CHOICES, default="none", help="training mixed precision")
+    p.add_argument("--train_variants", nargs="+", choices=TRAIN_VARIANTS, default=["plain"],
+                   help="training rows: plain, accum (--accum_steps), checkpointing (--grad_checkpointing), both")
+    p.add_argument("--train_accum_steps", type=int, default=2, help="--accum_steps of the accum variants")
+    p.add_argument("--train_warmup", type=int, default=0,
+                   help="untimed training batches first (0 on a CPU, where one is minutes; 1 on a GPU)")
     p.add_argument("--data_images", type=int, default=8, help="generated 2500x3400 JPEGs for the loading benchmark")
     p.add_argument("--eval_images", type=int, default=8, help="generated 2500x3400 maps for the eval benchmark")
     p.add_argument("--eval_workers", type=int, default=None, help="eval worker processes (default: all cores)")
@@ -54,7 +59,9 @@ def measure(args: argparse.Namespace) -> list[Row]:
     if "inference" in args.only:
         rows += inference_rows(args.size, args.batch, args.runs, device, args.compile)
     if "train" in args.only:
-        rows += train_rows(args.trainsize, args.train_batch, args.train_runs, str(device), args.train_amp)
+        # train.py's --device as given: "auto"/"cuda" mean DataParallel over every visible GPU, as in training.
+        rows += train_rows(args.trainsize, args.train_batch, args.train_runs, args.device, args.train_amp,
+                           tuple(args.train_variants), args.train_accum_steps, args.train_warmup)
     if "data" in args.only:
         rows += data_rows(args.data_images, args.trainsize)
     if "eval" in args.only:

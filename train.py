@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batchsize", "--batch_size", dest="batchsize", type=int, default=d.batchsize,
                    help="images per batch (release: 8). Under torchrun this is PER PROCESS (global batch = "
                         "batchsize x processes); with DataParallel it is split over the GPUs")
+    g.add_argument("--accum_steps", type=int, default=d.accum_steps,
+                   help="accumulate gradients over N batches before each clamp and AdaXW step (per rate), so one "
+                        "GPU runs the release's batch of 8 as --batchsize 4 --accum_steps 2. Changes one thing: "
+                        "BatchNorm normalises over each batch of --batchsize images instead of all of them "
+                        "(default 1: no accumulation, the release)")
     g.add_argument("--trainsize", type=int, default=d.trainsize,
                    help="square size images and masks are resized to (release: 736)")
     g.add_argument("--rates", type=float, nargs="+", default=list(d.rates),
@@ -106,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster convs on GPUs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (three shapes: one per rate); "
                    "refused with DataParallel, whose replicas it cannot compile: use torchrun")
+    g.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute the encoders' activations (PVT-v2 blocks, ResNet stages) in the backward pass: "
+                        "lower peak memory for more compute (the encoders run forward twice), the same weights "
+                        "(release: off)")
 
     g = p.add_argument_group("checkpoints, validation, stopping")
     g.add_argument("--save_root", default=d.save_root, help="folder holding the run folders (release: checkpoints)")

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models import resnet50
 
 from .checkpoint import CheckpointError, describe_mismatch, read_state_dict
+from .grad_checkpointing import checkpoint_stage
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,16 @@ class ResNetFrequencyEncoder(nn.Module):
         nn.init.normal_(self.conv1.weight, 0.0, 1.0)
         self.bn1, self.relu, self.maxpool = net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3_1, self.layer4_1 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.grad_checkpointing = False
 
     def forward(self, y: torch.Tensor) -> list[torch.Tensor]:
         """Four feature maps (256, 512, 1024, 2048 channels at 1/4 .. 1/32)."""
         y = self.maxpool(self.relu(self.bn1(self.conv1(y))))
-        y1 = self.layer1(y)
-        y2 = self.layer2(y1)
-        y3 = self.layer3_1(y2)
-        return [y1, y2, y3, self.layer4_1(y3)]
+        features = []
+        for stage in (self.layer1, self.layer2, self.layer3_1, self.layer4_1):
+            y = checkpoint_stage(stage, y) if self.grad_checkpointing else stage(y)
+            features.append(y)
+        return features
 
 
 class Res2NetFrequencyEncoder(nn.Module):
@@ -62,10 +65,20 @@ class Res2NetFrequencyEncoder(nn.Module):
         super().__init__()
         self.body = timm.create_model("res2net50d", pretrained=False, in_chans=1, num_classes=0)
         nn.init.normal_(self.body.conv1[0].weight, 0.0, 1.0)
+        self.grad_checkpointing = False
 
     def forward(self, y: torch.Tensor) -> list[torch.Tensor]:
         """Four feature maps (256, 512, 1024, 2048 channels at 1/4 .. 1/32)."""
-        return self.body.forward_intermediates(y, indices=[1, 2, 3, 4], intermediates_only=True)
+        if not self.grad_checkpointing:
+            return self.body.forward_intermediates(y, indices=[1, 2, 3, 4], intermediates_only=True)
+        # timm's forward_intermediates, one checkpoint per stage (timm's own would update BatchNorm twice).
+        b = self.body
+        y = b.maxpool(b.act1(b.bn1(b.conv1(y))))
+        features = []
+        for stage in (b.layer1, b.layer2, b.layer3, b.layer4):
+            y = checkpoint_stage(stage, y)
+            features.append(y)
+        return features
 
 
 FREQ_ENCODERS = {"resnet50": ResNetFrequencyEncoder, "res2net50": Res2NetFrequencyEncoder}

@@ -78,6 +78,11 @@ class FSANet(nn.Module):
         maps = [self.head(level, factor) for level, factor in zip(levels, (2, 4, 8, 16))]
         return (*maps, freq)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute encoder activations in the backward pass (PVT-v2 blocks, ResNet stages) to save memory."""
+        self.rgb_encoder.body.set_grad_checkpointing(enable)
+        self.freq_encoder.grad_checkpointing = enable
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """P1 alone: the same final map as forward()[0] without computing the unused heads."""
         fused, _ = self.encode(x)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "fsanet-train-v1"
 # Settings that change the data order or the schedule; resuming with other values is allowed but warned.
 RESUME_SENSITIVE = ("epoch", "lr", "batchsize", "trainsize", "rates", "seed", "clip", "weight_decay",
-                    "weighted_bce", "hflip", "amp")
+                    "weighted_bce", "hflip", "amp", "accum_steps")
 
 
 @dataclass

@@ -20,6 +20,10 @@ class NonFiniteLossError(RunError):
     """The loss became NaN or infinite; nothing of the broken state was saved."""
 
 
+class OutOfMemoryError(RunError):
+    """The GPU ran out of memory; the message names the batch size and the options that lower the peak."""
+
+
 @dataclass
 class TrainConfig:
     """Every training option; field names are train.py's flag names (the release's where it had one)."""
@@ -31,6 +35,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 1e-4
     batchsize: int = 8
+    accum_steps: int = 1
     trainsize: int = 736
     clip: float = 0.5
     rates: tuple[float, ...] = (0.75, 1.0, 1.25)
@@ -53,6 +58,7 @@ class TrainConfig:
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
+    grad_checkpointing: bool = False
     save_every: int = 5
     save_iters: int = 0
     val_path: str | None = None
@@ -82,6 +88,8 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"--max_pixels {cfg.max_pixels}: must be positive")
     if cfg.batchsize < 2:
         problems.append(f"--batchsize {cfg.batchsize}: must be at least 2 (BatchNorm cannot train on one image)")
+    if cfg.accum_steps < 1:
+        problems.append(f"--accum_steps {cfg.accum_steps}: must be at least 1 (1: no accumulation)")
     if cfg.trainsize < 32:
         problems.append(f"--trainsize {cfg.trainsize}: must be at least 32")
     if any(scaled_size(cfg.trainsize, r) < 32 for r in cfg.rates) or not cfg.rates:

@@ -5,6 +5,10 @@ optimiser steps per batch (rates 0.75/1/1.25), the elementwise gradient clamp, m
 logging (tqdm, TensorBoard, `logging`), validation and saving. What a checkpoint holds and how a run
 resumes from it is `checkpointing`'s; seeds and the data order are `reproducibility`'s.
 
+With --accum_steps N, each optimiser batch is N loader batches: per rate, every micro-batch's
+forward/backward adds its share of the gradient, then one clamp and one AdaXW step, as on the whole
+batch (BatchNorm alone sees each micro-batch separately). Checkpoints fall on optimiser-batch boundaries.
+
 Resuming is exact: a run stopped (even killed) after any saved epoch, or batch with --save_iters, and
 resumed from its `last.pth` ends with the same weights as one that never stopped. One exception: with
 --hflip and DataLoader workers, a mid-epoch resume draws other flips for the rest of that epoch (worker
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ from pipelines.inference import logits_to_map
 from pipelines.training.checkpointing import RunState, resume, save_checkpoint, training_checkpoint
 from pipelines.training.config import (
     NonFiniteLossError,
+    OutOfMemoryError,
     TrainConfig,
     TrainingError,
     check_config,
@@ -68,6 +74,7 @@ from utils.optim import AdaXW, clip_gradient, poly_lr, set_lr
 log = logging.getLogger(__name__)
 
 LOSS_NAMES = ("loss", "P1", "P2", "P3", "P4")
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def resize_pair(images: torch.Tensor, gts: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +106,7 @@ class Trainer:
         self.bad_seen: set[str] = set()  # undecodable files reported so far (each once per run)
         self.dataset = TrainDataset(cfg.train_path, cfg.trainsize, hflip=cfg.hflip, fast_decode=cfg.fast_decode,
                                     cache_dir=cfg.cache_dir, on_bad=cfg.on_bad)
-        replicas = data_parallel_replicas(self.ctx, self.uses_data_parallel)
+        self.replicas = replicas = data_parallel_replicas(self.ctx, self.uses_data_parallel)
         if smallest_replica_batch(cfg.batchsize, replicas) < 2:
             raise TrainingError(f"--batchsize {cfg.batchsize} over {replicas} GPUs (DataParallel) gives one GPU "
                                 f"a single image; BatchNorm needs 2: use --batchsize {2 * replicas} or more, "
@@ -147,6 +154,8 @@ class Trainer:
         elif self.cfg.no_pretrained and not self.cfg.pre_model:
             log.warning("--no_pretrained: training from random weights (the release starts from ImageNet)")
         model.to(self.device)
+        if self.cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
         if self.cfg.channels_last:
             to_channels_last(model)
         return model
@@ -194,8 +203,9 @@ class Trainer:
             self.close_writer()
             return self.state
         n = len(self.dataset)
-        log.info("training on %d images (%d per process per batch, %d process(es)) on %s for epochs %d..%d",
-                 n, cfg.batchsize, self.ctx.world_size, self.device, self.state.epoch + 1, cfg.epoch)
+        log.info("training on %d images (%d per process per batch x %d accumulated, %d process(es)) on %s for "
+                 "epochs %d..%d", n, cfg.batchsize, cfg.accum_steps, self.ctx.world_size, self.device,
+                 self.state.epoch + 1, cfg.epoch)
         try:
             for epoch in range(self.state.epoch + 1, cfg.epoch + 1):
                 self.train_epoch(epoch)
@@ -205,9 +215,25 @@ class Trainer:
                              self.save_dir / "last.pth")
                     break
             self.check_replicas()
+        except torch.OutOfMemoryError:
+            raise self._out_of_memory() from None
         finally:
             self.close_writer()
         return self.state
+
+    def _out_of_memory(self) -> OutOfMemoryError:
+        """The one-line out-of-memory error: the batch that did not fit, the two options, the kept checkpoint."""
+        cfg = self.cfg
+        last = self.save_dir / "last.pth"
+        kept = f"the last checkpoint {last} is kept" if last.exists() else "no checkpoint was saved yet"
+        per_gpu = f" ({-(-cfg.batchsize // self.replicas)} per GPU)" if self.replicas > 1 else ""
+        half = cfg.batchsize // 2
+        smaller = (f"--batchsize {half} --accum_steps {2 * cfg.accum_steps} (the same effective batch) and/or "
+                   if smallest_replica_batch(half, self.replicas) >= 2 else "")
+        return OutOfMemoryError(
+            f"out of GPU memory on {self.device} at --batchsize {cfg.batchsize}{per_gpu}, --trainsize "
+            f"{cfg.trainsize} (largest scale {max(scaled_size(cfg.trainsize, r) for r in cfg.rates)}); lower the "
+            f"peak with {smaller}--grad_checkpointing; {kept}")
 
     def close_writer(self) -> None:
         """Flush and close the TensorBoard writer (rank 0)."""
@@ -227,20 +253,30 @@ class Trainer:
         bar = tqdm(self.loader, total=total, initial=skip, desc=f"epoch {epoch}/{cfg.epoch}",
                    disable=not self.ctx.is_main or None, dynamic_ncols=True, file=sys.stderr)
         sums = torch.zeros(len(LOSS_NAMES))
+        group: list[Batch] = []
+        steps = 0
         for images, gts, bad in bar:
-            start = time.perf_counter()
+            if not group:
+                start = time.perf_counter()
             if self._too_few_decoded(images, bad):
                 self.state.iteration += 1
                 continue
-            losses = self.train_batch(images, gts, epoch)
-            self.state.iteration += 1
+            group.append((images, gts))
+            if len(group) < cfg.accum_steps and self.state.iteration + len(group) < total:
+                continue  # --accum_steps: the optimiser batch is not complete yet
+            losses = self.train_batches(group, epoch)
+            self.state.iteration += len(group)
             sums += losses
-            speed = images.shape[0] * self.ctx.world_size / (time.perf_counter() - start)
+            steps += 1
+            speed = sum(x.shape[0] for x, _ in group) * self.ctx.world_size / (time.perf_counter() - start)
+            group = []
             self._log_batch(losses, lr, speed)
             bar.set_postfix(loss=f"{losses[0]:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
-            if cfg.save_iters and self.state.iteration % cfg.save_iters == 0 and self.state.iteration < total:
+            # Only at optimiser-batch boundaries, so a resumed run regroups the same loader batches.
+            done = self.state.iteration // cfg.accum_steps
+            if cfg.save_iters and done % cfg.save_iters == 0 and self.state.iteration < total:
                 self.save("last.pth")
-        batches = max(self.state.iteration - skip, 1)
+        batches = max(steps, 1)
         log.info("epoch %d/%d: lr %.3e, mean loss %.4f over %d batch(es)", epoch, cfg.epoch, lr,
                  float(sums[0]) / batches, batches)
 
@@ -265,20 +301,41 @@ class Trainer:
 
     def train_batch(self, images: torch.Tensor, gts: torch.Tensor, epoch: int) -> torch.Tensor:
         """The release's multi-scale step: one forward/backward/clamp/step per rate; mean loss terms."""
-        images = images.to(self.device, non_blocking=True)
-        gts = gts.to(self.device, non_blocking=True)
-        if self.cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        return self.train_batches([(images, gts)], epoch)
+
+    def train_batches(self, batches: Sequence[Batch], epoch: int) -> torch.Tensor:
+        """The multi-scale step on the union of `batches` (--accum_steps loader batches); mean loss terms."""
+        on_device = []
+        for images, gts in batches:
+            images = images.to(self.device, non_blocking=True)
+            if self.cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            on_device.append((images, gts.to(self.device, non_blocking=True)))
         sums = torch.zeros(len(LOSS_NAMES))
         for rate in self.cfg.rates:
             size = scaled_size(self.cfg.trainsize, rate)
-            x, y = resize_pair(images, gts, size)
-            sums += self.train_step(x, y, epoch, size)
+            sums += self.train_step([resize_pair(x, y, size) for x, y in on_device], epoch, size)
         return sums / len(self.cfg.rates)
 
-    def train_step(self, images: torch.Tensor, gts: torch.Tensor, epoch: int, size: int) -> torch.Tensor:
-        """Forward, loss, finiteness check (all ranks), backward, clamp, AdaXW step; returns the loss terms."""
+    def train_step(self, batches: Sequence[Batch], epoch: int, size: int) -> torch.Tensor:
+        """Forward/backward of each micro-batch, then one clamp and one AdaXW step; returns the loss terms."""
         self.optimizer.zero_grad(set_to_none=True)
+        total = sum(images.shape[0] for images, _ in batches)
+        report = torch.zeros(len(LOSS_NAMES))
+        for images, gts in batches:
+            report += self._forward_backward(images, gts, images.shape[0] / total, epoch, size)
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        clip_gradient(self.optimizer, self.cfg.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.state.step += 1
+        return report
+
+    def _forward_backward(self, images: torch.Tensor, gts: torch.Tensor, share: float, epoch: int,
+                          size: int) -> torch.Tensor:
+        """Forward, loss x `share` (this micro-batch's part of the batch mean), finiteness check (all ranks),
+        backward adding to the gradients; returns the weighted loss terms."""
         with autocast(self.device, self.cfg.amp):
             preds = self.net(images)
         loss, terms = deep_supervision_loss(preds[: len(RELEASE_WEIGHTS)], gts, weighted_bce=self.cfg.weighted_bce)
@@ -287,13 +344,9 @@ class Trainer:
         report = report.cpu()
         if not torch.isfinite(report).all():
             self._stop_non_finite(report, epoch, size)
+        if share != 1:  # the batch mean is the share-weighted sum of the micro-batch means
+            loss, report = loss * share, report * share
         self.scaler.scale(loss).backward()
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(self.optimizer)
-        clip_gradient(self.optimizer, self.cfg.clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.state.step += 1
         return report
 
     def _stop_non_finite(self, report: torch.Tensor, epoch: int, size: int) -> None:

@@ -34,6 +34,7 @@ from pipelines.training.config import (
     TrainingError,
     check_config,
     check_pretrained,
+    highpass_warning,
     scaled_size,
 )
 from pipelines.training.reproducibility import (
@@ -111,6 +112,7 @@ class Trainer:
             resumed = resume(Path(cfg.pre_model), self.model, self.optimizer, self.scaler, cfg.to_dict(),
                              self.ctx.rank, self.ctx.world_size)
             self.state, resumed_rng = resumed.state, resumed.rng
+        self._warn_frequency_band()
         if resumed_rng is not None:
             set_rng_state(resumed_rng)
         else:
@@ -133,7 +135,8 @@ class Trainer:
 
     def _build_model(self, pretrained: dict[str, str]) -> nn.Module:
         """FSANet with the release's drop path, ImageNet encoders loaded, on the device."""
-        model = FSANet(freq_encoder=self.cfg.freq_encoder, drop_path_rate=self.cfg.drop_path_rate)
+        model = FSANet(freq_encoder=self.cfg.freq_encoder, drop_path_rate=self.cfg.drop_path_rate,
+                       radius=self.cfg.radius)
         if pretrained:
             load_pretrained_encoders(model, **pretrained)
         elif self.cfg.no_pretrained and not self.cfg.pre_model:
@@ -142,6 +145,18 @@ class Trainer:
         if self.cfg.channels_last:
             to_channels_last(model)
         return model
+
+    def _warn_frequency_band(self) -> None:
+        """Warn once (rank 0) when the radius in use empties the frequency image at this run's sizes."""
+        if not self.ctx.is_main:
+            return
+        radius = float(self.model.frequency.radius.detach().cpu())
+        if self.cfg.pre_model and radius != self.cfg.radius:
+            log.warning("--radius %g is not used: the weights of --pre_model %s hold frequency.radius %g",
+                        self.cfg.radius, self.cfg.pre_model, radius)
+        message = highpass_warning(self.cfg, radius)
+        if message:
+            log.warning(message)
 
     @property
     def uses_data_parallel(self) -> bool:

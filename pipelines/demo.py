@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lib import FSANet
+from lib.frequency import scaled_radius
 from utils.atomic import atomic_torch_save
 from utils.dis5k import EVAL_SPLITS
 from utils.errors import RunError
@@ -46,9 +47,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3,
                    help="AdaXW learning rate (higher than the release's 2e-4: no pretraining)")
     p.add_argument("--rates", type=float, nargs="+", default=[1.0], help="multi-scale rates (release: 0.75 1 1.25)")
+    p.add_argument("--radius", type=float, default=None,
+                   help="frequency filter radius in bins (default: 100 * trainsize / 992, the release's share of "
+                        "the spectrum; the release's 100 would empty the frequency image at sizes up to 142)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initial weights and training")
     p.add_argument("--device", default="auto", help="auto (GPU when present, else CPU), cpu or cuda")
     return p.parse_args(argv)
+
+
+def demo_radius(args: argparse.Namespace) -> float:
+    """--radius, or the release's 100 bins at 992 scaled to the demo's training size."""
+    return scaled_radius(args.trainsize) if args.radius is None else args.radius
 
 
 def run_script(*args: str) -> None:
@@ -61,10 +70,10 @@ def run_script(*args: str) -> None:
                        "(its messages are above)")
 
 
-def save_initial_weights(path: Path, seed: int) -> Path:
+def save_initial_weights(path: Path, seed: int, radius: float) -> Path:
     """The untrained model the run starts from, so 'before' and 'after' share their initialisation."""
     torch.manual_seed(seed)
-    atomic_torch_save({"model": FSANet().state_dict()}, path)
+    atomic_torch_save({"model": FSANet(radius=radius).state_dict()}, path)
     return path
 
 
@@ -134,13 +143,14 @@ def run_demo(args: argparse.Namespace) -> str:
     data, out = ROOT / args.data, ROOT / args.out
     log.info("generating the synthetic DIS-like dataset in %s", data)
     generate_dataset(data, seed=args.seed, size=args.size, n_train=args.n_train, n_val=args.n_test, n_test=args.n_test)
-    initial = save_initial_weights(out / "untrained.pth", args.seed)
+    radius = demo_radius(args)
+    initial = save_initial_weights(out / "untrained.pth", args.seed, radius)
     before = predict_and_evaluate(initial, data, out / "maps_untrained", args)
     run_script("train.py", "--train_path", str(data / "DIS-TR"), "--save_root", str(out.parent),
         "--train_save", out.name,
         "--pre_model", str(initial), "--no_pretrained", "--epoch", str(args.epoch), "--batchsize", str(args.batchsize),
         "--trainsize", str(args.trainsize), "--lr", str(args.lr), "--rates", *map(str, args.rates),
-        "--seed", str(args.seed), "--device", args.device, "--num_workers", "0", "--hflip")
+        "--radius", str(radius), "--seed", str(args.seed), "--device", args.device, "--num_workers", "0", "--hflip")
     after = predict_and_evaluate(out / "last.pth", data, out / "maps_trained", args)
     picture = save_picture(data, out / "maps_untrained", out / "maps_trained", out / "predictions.png")
     return "\n".join([

@@ -13,6 +13,7 @@ RNGs are seeded per epoch, not per batch).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -151,7 +152,8 @@ class Trainer:
         if not self.ctx.is_main:
             return
         radius = float(self.model.frequency.radius.detach().cpu())
-        if self.cfg.pre_model and radius != self.cfg.radius:
+        # The parameter is float32: 19.4 reads back as 19.3999996.
+        if self.cfg.pre_model and not math.isclose(radius, self.cfg.radius, rel_tol=1e-6):
             log.warning("--radius %g is not used: the weights of --pre_model %s hold frequency.radius %g",
                         self.cfg.radius, self.cfg.pre_model, radius)
         message = highpass_warning(self.cfg, radius)

@@ -40,8 +40,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=192, help="side of the generated images")
     p.add_argument("--n_train", type=int, default=48, help="training images")
     p.add_argument("--n_test", type=int, default=6, help="images in DIS-VD and in each of DIS-TE1..4")
-    p.add_argument("--trainsize", type=int, default=128, help="training size (the release trains at 736)")
-    p.add_argument("--testsize", type=int, default=128, help="test size (the release tests at 992)")
+    # Training and testing at the generated size keeps the 1-3 px wires (128 blurred them below a pixel).
+    p.add_argument("--trainsize", type=int, default=192, help="training size (the release trains at 736)")
+    p.add_argument("--testsize", type=int, default=192, help="test size (the release tests at 992)")
     p.add_argument("--epoch", type=int, default=10, help="training epochs (the last runs at lr 0, as released)")
     p.add_argument("--batchsize", "--batch_size", dest="batchsize", type=int, default=4, help="images per batch")
     p.add_argument("--lr", type=float, default=1e-3,

@@ -38,8 +38,10 @@ def test_kept_share_of_the_spectrum():
 
 def test_frequency_image_is_zero_at_128_with_radius_100_and_not_with_the_demos(model):
     x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    radius = demo_radius(demo_args([]))
-    assert radius == 12.9  # 100 * 128 / 992: the release's share of the spectrum at the demo's size
+    defaults = demo_args([])
+    radius = demo_radius(defaults)
+    assert radius == scaled_radius(defaults.trainsize) == 19.4  # 100 * 192 / 992: the release's share at 192
+    assert demo_radius(demo_args(["--trainsize", "128"])) == 12.9
     with torch.no_grad():
         assert torch.count_nonzero(model(x)[4]) == 0
         model.frequency.radius.fill_(radius)

@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frequency-image encoder (release: resnet50)")
     g.add_argument("--drop_path_rate", type=float, default=d.drop_path_rate,
                    help="stochastic depth of the PVT-v2 encoder (release: 0.1)")
+    g.add_argument("--radius", type=float, default=d.radius,
+                   help="initial radius, in frequency bins, of the frequency branch's high-pass mask (release: 100; "
+                        "it never changes in training and is saved as frequency.radius, so test.py reads it from "
+                        "the checkpoint). At the release's test size 992, 100 is about 20%% of the spectrum's "
+                        "half-width (496 bins) and removes about 3%% of its bins; at sizes up to 142 it removes all "
+                        "of them and the frequency image is 0. Keeping the release's proportion at size S means "
+                        "about 100 * S / 992 (e.g. 12.9 at 128). --pre_model weights bring their own radius")
     g.add_argument("--pvt_path", default=d.pvt_path,
                    help="ImageNet PVT-v2-b2 weights (original pvt_v2_b2.pth)")
     g.add_argument("--resnet_path", default=d.resnet_path,

@@ -4,6 +4,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# The release: radius 100 bins, tested at 992 x 992 (spectrum half-width 496), where the mask removes
+# about 3% of the bins. The radius counts bins, not a share of the image, so small sizes lose the band.
+RELEASE_RADIUS = 100.0
+RELEASE_TESTSIZE = 992
+# Below this share of bins kept, the frequency image is (nearly) empty and its encoder sees a constant.
+MIN_KEPT_FRACTION = 0.05
+
 
 def highpass_mask(height: int, width: int, radius: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """H x W mask: 0 within `radius` bins of the shifted spectrum's centre, 1 elsewhere."""
@@ -11,6 +18,26 @@ def highpass_mask(height: int, width: int, radius: float, device: torch.device |
     cols = torch.arange(width, dtype=torch.float32, device=device).view(1, -1)
     distance = torch.sqrt((rows - (height - 1) / 2) ** 2 + (cols - (width - 1) / 2) ** 2)
     return torch.where(distance <= radius, torch.zeros_like(distance), torch.ones_like(distance))
+
+
+def kept_fraction(size: int, radius: float) -> float:
+    """Share of an S x S spectrum's bins the mask keeps; 0 means the frequency image is all zero."""
+    return float(highpass_mask(size, size, radius).mean())
+
+
+def scaled_radius(size: int) -> float:
+    """The radius that keeps the release's proportion (100 bins at 992) at size S: 100 * S / 992."""
+    return round(RELEASE_RADIUS * size / RELEASE_TESTSIZE, 1)
+
+
+def narrow_band_sizes(sizes: dict[str, int], radius: float) -> list[str]:
+    """The named sizes at which `radius` keeps under MIN_KEPT_FRACTION of the bins, each with its share."""
+    narrow = []
+    for name, size in sizes.items():
+        kept = kept_fraction(size, radius)
+        if kept < MIN_KEPT_FRACTION:
+            narrow.append(f"{name} {size} ({kept:.1%} of the bins kept)")
+    return narrow
 
 
 class FrequencyFilter(nn.Module):

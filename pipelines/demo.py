@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lib import FSANet
+from lib.frequency import scaled_radius
 from utils.atomic import atomic_torch_save
 from utils.dis5k import EVAL_SPLITS
 from utils.errors import RunError
@@ -39,16 +40,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=192, help="side of the generated images")
     p.add_argument("--n_train", type=int, default=48, help="training images")
     p.add_argument("--n_test", type=int, default=6, help="images in DIS-VD and in each of DIS-TE1..4")
-    p.add_argument("--trainsize", type=int, default=128, help="training size (the release trains at 736)")
-    p.add_argument("--testsize", type=int, default=128, help="test size (the release tests at 992)")
+    # Training and testing at the generated size keeps the 1-3 px wires (128 blurred them below a pixel).
+    p.add_argument("--trainsize", type=int, default=192, help="training size (the release trains at 736)")
+    p.add_argument("--testsize", type=int, default=192, help="test size (the release tests at 992)")
     p.add_argument("--epoch", type=int, default=10, help="training epochs (the last runs at lr 0, as released)")
     p.add_argument("--batchsize", "--batch_size", dest="batchsize", type=int, default=4, help="images per batch")
     p.add_argument("--lr", type=float, default=1e-3,
                    help="AdaXW learning rate (higher than the release's 2e-4: no pretraining)")
     p.add_argument("--rates", type=float, nargs="+", default=[1.0], help="multi-scale rates (release: 0.75 1 1.25)")
+    p.add_argument("--radius", type=float, default=None,
+                   help="frequency filter radius in bins (default: 100 * trainsize / 992, the release's share of "
+                        "the spectrum; the release's 100 would empty the frequency image at sizes up to 142)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initial weights and training")
     p.add_argument("--device", default="auto", help="auto (GPU when present, else CPU), cpu or cuda")
     return p.parse_args(argv)
+
+
+def demo_radius(args: argparse.Namespace) -> float:
+    """--radius, or the release's 100 bins at 992 scaled to the demo's training size."""
+    return scaled_radius(args.trainsize) if args.radius is None else args.radius
 
 
 def run_script(*args: str) -> None:
@@ -61,10 +71,10 @@ def run_script(*args: str) -> None:
                        "(its messages are above)")
 
 
-def save_initial_weights(path: Path, seed: int) -> Path:
+def save_initial_weights(path: Path, seed: int, radius: float) -> Path:
     """The untrained model the run starts from, so 'before' and 'after' share their initialisation."""
     torch.manual_seed(seed)
-    atomic_torch_save({"model": FSANet().state_dict()}, path)
+    atomic_torch_save({"model": FSANet(radius=radius).state_dict()}, path)
     return path
 
 
@@ -134,13 +144,14 @@ def run_demo(args: argparse.Namespace) -> str:
     data, out = ROOT / args.data, ROOT / args.out
     log.info("generating the synthetic DIS-like dataset in %s", data)
     generate_dataset(data, seed=args.seed, size=args.size, n_train=args.n_train, n_val=args.n_test, n_test=args.n_test)
-    initial = save_initial_weights(out / "untrained.pth", args.seed)
+    radius = demo_radius(args)
+    initial = save_initial_weights(out / "untrained.pth", args.seed, radius)
     before = predict_and_evaluate(initial, data, out / "maps_untrained", args)
     run_script("train.py", "--train_path", str(data / "DIS-TR"), "--save_root", str(out.parent),
         "--train_save", out.name,
         "--pre_model", str(initial), "--no_pretrained", "--epoch", str(args.epoch), "--batchsize", str(args.batchsize),
         "--trainsize", str(args.trainsize), "--lr", str(args.lr), "--rates", *map(str, args.rates),
-        "--seed", str(args.seed), "--device", args.device, "--num_workers", "0", "--hflip")
+        "--radius", str(radius), "--seed", str(args.seed), "--device", args.device, "--num_workers", "0", "--hflip")
     after = predict_and_evaluate(out / "last.pth", data, out / "maps_trained", args)
     picture = save_picture(data, out / "maps_untrained", out / "maps_trained", out / "predictions.png")
     return "\n".join([

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from lib import FSANet, load_checkpoint
 from lib.fast import optimize_for_inference
+from lib.frequency import MIN_KEPT_FRACTION, narrow_band_sizes, scaled_radius
 from utils.atomic import remove_stale_temps
 from utils.data import image_tensor
 from utils.device import AMP_CHOICES, amp_dtype, autocast
@@ -310,10 +311,26 @@ def _predict_batch(model: nn.Module, batch: Batch, paths: Sequence[Path], save_d
             summary.written += 1
 
 
+def warn_narrow_band(model: nn.Module, testsize: int) -> None:
+    """Warn when the checkpoint's radius leaves (almost) no high-pass band at --testsize."""
+    radius = float(model.frequency.radius.detach().float().cpu())
+    narrow = narrow_band_sizes({"--testsize": testsize}, radius)
+    if not narrow:
+        return
+    # A disc of radius r removes pi r^2 of the S^2 bins (less once it overflows the square), so S >= r *
+    # sqrt(pi / (1 - MIN_KEPT_FRACTION)) keeps enough.
+    enough = int(np.ceil(radius * np.sqrt(np.pi / (1 - MIN_KEPT_FRACTION)) / 32) * 32)
+    log.warning("the checkpoint's frequency.radius %g leaves the high-pass band empty or nearly so at %s: the "
+                "frequency encoder sees an (almost) constant image. Use --testsize %d or more, or a checkpoint "
+                "trained with train.py --radius %g (100 * testsize / 992, the release's share of the spectrum)",
+                radius, narrow[0], enough, scaled_radius(testsize))
+
+
 def predict_jobs(model: nn.Module, jobs: Sequence[Job], options: InferenceOptions,
                  total: InferenceSummary | None = None) -> InferenceSummary:
     """Run every job with one model; the summary (`total`, updated live when given) covers all of them."""
     check_options(options)
+    warn_narrow_band(model, options.testsize)
     model.eval()
     if options.device.type == "cuda":
         # Every batch has the same testsize x testsize shape, so cuDNN's autotuning pays off.

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lib.frequency import narrow_band_sizes, scaled_radius
 from utils.device import AMP_CHOICES
 from utils.errors import FSANetError, RunError
 
@@ -42,6 +43,7 @@ class TrainConfig:
     weighted_bce: bool = False
     freq_encoder: str = "resnet50"
     drop_path_rate: float = 0.1
+    radius: float = 100.0
     pre_model: str | None = None
     pvt_path: str | None = "checkpoints/pvt_v2_b2.pth"
     resnet_path: str | None = "checkpoints/resnet50-0676ba61.pth"
@@ -96,6 +98,8 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"--rates {cfg.rates}: every trainsize*rate must round to at least 32")
     if cfg.val_size % 32 or cfg.val_size < 32:
         problems.append(f"--val_size {cfg.val_size}: must be a positive multiple of 32")
+    if not 0 <= cfg.radius < float("inf"):
+        problems.append(f"--radius {cfg.radius}: must be 0 or more (release: 100)")
     if cfg.amp not in AMP_CHOICES:
         problems.append(f"--amp {cfg.amp}: choose {', '.join(AMP_CHOICES)}")
     if cfg.on_bad not in ("skip", "error"):
@@ -124,6 +128,23 @@ def check_pretrained(cfg: TrainConfig) -> dict[str, str]:
         raise TrainingError(f"pretrained encoder weights not found: {', '.join(missing)}. Pass the ImageNet "
                             "weight files (see README), or --no_pretrained to train from random weights.")
     return {k: str(v) for k, v in wanted.items()}
+
+
+def highpass_warning(cfg: TrainConfig, radius: float) -> str | None:
+    """Why the frequency branch would see an (almost) empty image at this run's sizes, and the fix; else None."""
+    sizes = {f"trainsize*{rate:g}": scaled_size(cfg.trainsize, rate) for rate in cfg.rates}
+    if cfg.val_path and cfg.val_every:
+        sizes["val_size"] = cfg.val_size
+    narrow = narrow_band_sizes(sizes, radius)
+    if not narrow:
+        return None
+    wanted = f"{scaled_radius(cfg.trainsize):g} (100 * trainsize / 992, the release's share of the spectrum)"
+    fix = (f"start from weights whose frequency.radius is about {wanted}" if cfg.pre_model
+           else f"pass --radius {wanted}")
+    source = f"from --pre_model {cfg.pre_model}" if cfg.pre_model else "--radius"
+    return (f"frequency radius {radius:g} ({source}) leaves the high-pass band empty or nearly so at "
+            f"{', '.join(narrow)}: the frequency encoder sees an (almost) constant image; {fix}, "
+            "or train at larger sizes")
 
 
 def scaled_size(trainsize: int, rate: float) -> int:

@@ -17,6 +17,7 @@ RNGs are seeded per epoch, not per batch).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -31,7 +32,6 @@ from tqdm import tqdm
 
 from lib import FSANet, load_pretrained_encoders
 from lib.fast import to_channels_last
-from pipelines.inference import logits_to_map
 from pipelines.training.checkpointing import RunState, resume, save_checkpoint, training_checkpoint
 from pipelines.training.config import (
     NonFiniteLossError,
@@ -40,6 +40,7 @@ from pipelines.training.config import (
     TrainingError,
     check_config,
     check_pretrained,
+    highpass_warning,
     scaled_size,
 )
 from pipelines.training.reproducibility import (
@@ -51,8 +52,9 @@ from pipelines.training.reproducibility import (
     set_rng_state,
     tensors_digest,
 )
+from pipelines.training.validation import validate
 from utils.atomic import check_writable_dir, remove_stale_temps
-from utils.data import EvalDataset, TrainDataset, eval_collate, train_collate
+from utils.data import EvalDataset, TrainDataset, train_collate
 from utils.device import autocast
 from utils.distributed import (
     DistContext,
@@ -68,7 +70,6 @@ from utils.distributed import (
 )
 from utils.imageio import set_max_pixels
 from utils.losses import RELEASE_WEIGHTS, deep_supervision_loss
-from utils.metrics import ValidationMetrics
 from utils.optim import AdaXW, clip_gradient, poly_lr, set_lr
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class Trainer:
             resumed = resume(Path(cfg.pre_model), self.model, self.optimizer, self.scaler, cfg.to_dict(),
                              self.ctx.rank, self.ctx.world_size)
             self.state, resumed_rng = resumed.state, resumed.rng
+        self._warn_frequency_band()
         if resumed_rng is not None:
             set_rng_state(resumed_rng)
         else:
@@ -148,7 +150,8 @@ class Trainer:
 
     def _build_model(self, pretrained: dict[str, str]) -> nn.Module:
         """FSANet with the release's drop path, ImageNet encoders loaded, on the device."""
-        model = FSANet(freq_encoder=self.cfg.freq_encoder, drop_path_rate=self.cfg.drop_path_rate)
+        model = FSANet(freq_encoder=self.cfg.freq_encoder, drop_path_rate=self.cfg.drop_path_rate,
+                       radius=self.cfg.radius)
         if pretrained:
             load_pretrained_encoders(model, **pretrained)
         elif self.cfg.no_pretrained and not self.cfg.pre_model:
@@ -159,6 +162,19 @@ class Trainer:
         if self.cfg.channels_last:
             to_channels_last(model)
         return model
+
+    def _warn_frequency_band(self) -> None:
+        """Warn once (rank 0) when the radius in use empties the frequency image at this run's sizes."""
+        if not self.ctx.is_main:
+            return
+        radius = float(self.model.frequency.radius.detach().cpu())
+        # The parameter is float32: 19.4 reads back as 19.3999996.
+        if self.cfg.pre_model and not math.isclose(radius, self.cfg.radius, rel_tol=1e-6):
+            log.warning("--radius %g is not used: the weights of --pre_model %s hold frequency.radius %g",
+                        self.cfg.radius, self.cfg.pre_model, radius)
+        message = highpass_warning(self.cfg, radius)
+        if message:
+            log.warning(message)
 
     @property
     def uses_data_parallel(self) -> bool:
@@ -398,25 +414,14 @@ class Trainer:
         # Every rank must take part in the save that follows (it gathers RNG states).
         return bool(broadcast_object(improved, self.ctx))
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """maxF and MAE at GT size, as test.py maps P1: bilinear to GT size, sigmoid, min-max, 8 bits."""
+        """maxF and MAE on the validation split at GT size, as test.py maps P1."""
         model = unwrap_model(self.net)
-        model.eval()
-        metrics = ValidationMetrics()
-        loader = DataLoader(self.val_set, batch_size=self.cfg.batchsize, num_workers=self.cfg.num_workers,
-                            collate_fn=eval_collate)
-        for images, masks, _, bad in tqdm(loader, desc="validation", leave=False, disable=None, file=sys.stderr):
-            self._report_undecodable(bad, "validation: ")
-            if images is None:
-                continue
-            images = images.to(self.device)
-            with autocast(self.device, self.cfg.amp):
-                logits = model.predict(images)
-            for logit, mask in zip(logits, masks):
-                metrics.step(logits_to_map(logit, mask.shape), mask)
-        model.train()
-        return metrics.get_results()
+        try:
+            return validate(model, self.val_set, self.cfg.batchsize, self.cfg.num_workers, self.device, self.cfg.amp,
+                             lambda bad: self._report_undecodable(bad, "validation: "))
+        finally:
+            model.train()
 
     def save(self, name: str) -> Path:
         """Write <save_dir>/<name> atomically from rank 0 (every rank contributes its RNG state)."""

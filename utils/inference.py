@@ -25,10 +25,11 @@ from tqdm import tqdm
 
 from lib import FSANet, load_checkpoint
 from lib.fast import optimize_for_inference
+from utils.cutout import SAVE_MODES, write_output
 from utils.data import image_tensor
 from utils.dis5k import SPLIT_LAYOUTS
 from utils.distributed import DeviceError, resolve_device
-from utils.imageio import IMAGE_EXTENSIONS, ImageReadError, image_size, list_images, read_rgb, write_png
+from utils.imageio import IMAGE_EXTENSIONS, ImageReadError, image_size, list_images, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class InferenceOptions:
     amp: str | None = None
     fast_decode: bool = False
     skip_existing: bool = False
+    save_mode: str = "map"  # utils.cutout.SAVE_MODES: the map, an RGBA cutout or an overlay
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ def check_options(options: InferenceOptions) -> None:
         raise InferenceError(f"--batch_size {options.batch_size}: must be at least 1")
     if options.num_workers < 0:
         raise InferenceError(f"--num_workers {options.num_workers}: must be 0 or more")
+    if options.save_mode not in SAVE_MODES:
+        raise InferenceError(f"--save_mode {options.save_mode}: choose one of {', '.join(SAVE_MODES)}")
     if options.amp is not None and options.amp not in AMP_DTYPES:
         raise InferenceError(f"--amp {options.amp}: choose one of {', '.join(AMP_DTYPES)}")
     if options.amp == "fp16" and options.device.type == "cpu":
@@ -282,8 +286,8 @@ def _predict_batch(model: nn.Module, batch: Batch, paths: Sequence[Path], save_d
         for logits, index, size in zip(p1, batch.indices, batch.sizes):
             target = map_path(save_dir, paths[index])
             try:
-                write_png(logits_to_map(logits, size), target)
-            except OSError as e:
+                write_output(logits_to_map(logits, size), paths[index], target, options.save_mode)
+            except (OSError, ImageReadError) as e:  # rgba/overlay read the image again
                 log.warning("could not write %s: %s", target, e)
                 summary.failed.append((paths[index], f"{target}: cannot write map ({e})"))
                 continue

@@ -13,12 +13,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lib.checkpoint import CheckpointError
 from lib.encoders import FREQ_ENCODERS
+from utils.cutout import SAVE_MODES
 from utils.dis5k import EVAL_SPLITS
 from utils.inference import (AMP_DTYPES, InferenceError, InferenceOptions, InferenceSummary,
                              check_options, dis5k_jobs, folder_job, load_model, predict_jobs, select_device)
+from utils.runtimes import RUNTIMES, ExportSpec, HFlipTTA, RuntimeUnavailable, choose_runtime, load_runner
+
+log = logging.getLogger("test.py")
 
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,20 +54,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "kernel: much faster on large photos, but changes the maps' pixels slightly vs the release")
     p.add_argument("--skip_existing", action="store_true",
                    help="skip images whose map already exists (resume an interrupted run)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="auto: OpenVINO on the CPU (exported to ONNX once per checkpoint and size, then cached), "
+                        "PyTorch on CUDA; torch, openvino or onnxruntime to choose")
+    p.add_argument("--cache_dir", default=None,
+                   help="folder of the ONNX export and OpenVINO compile caches "
+                        "(default: $XDG_CACHE_HOME/fsanet or ~/.cache/fsanet)")
+    p.add_argument("--save_mode", choices=SAVE_MODES, default="map",
+                   help="map: the 8-bit map (release); rgba: the image with the map as alpha; "
+                        "overlay: the map tinted over the image (a visual check)")
+    p.add_argument("--tta", choices=("none", "hflip"), default="none",
+                   help="hflip: average the logits of each image and its mirror image "
+                        "(test-time augmentation; not part of the release's protocol)")
     return p.parse_args(argv)
+
+
+def load_predictor(args: argparse.Namespace, options: InferenceOptions) -> object:
+    """The model under the chosen runtime: an exported runner, or the PyTorch model (also the fallback)."""
+    runtime = choose_runtime(args.runtime, options.device)
+    if runtime != "torch":
+        if options.device.type != "cpu":
+            raise InferenceError(f"--runtime {runtime} runs on the CPU here; pass --device cpu or --runtime torch")
+        try:
+            return load_runner(runtime, ExportSpec(args.pth_path, args.testsize, args.freq_encoder),
+                               options.amp, args.cache_dir)
+        except RuntimeUnavailable as e:
+            if args.runtime != "auto":
+                raise InferenceError(str(e)) from None
+            log.warning("%s; falling back to --runtime torch", e)
+    return load_model(args.pth_path, args.freq_encoder, options.device, options.amp)
 
 
 def run(args: argparse.Namespace) -> InferenceSummary:
     """Find the images, load the model and write the maps."""
     options = InferenceOptions(testsize=args.testsize, device=select_device(args.device),
                                batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp,
-                               fast_decode=args.fast_decode, skip_existing=args.skip_existing)
+                               fast_decode=args.fast_decode, skip_existing=args.skip_existing,
+                               save_mode=args.save_mode)
     check_options(options)
     if args.input is not None:
         jobs = [folder_job(args.input, args.save_root)]
     else:
         jobs = dis5k_jobs(args.data_root, args.datasets, args.save_root)
-    model = load_model(args.pth_path, args.freq_encoder, options.device, options.amp)
+    model = load_predictor(args, options)
+    if args.tta == "hflip":
+        model = HFlipTTA(model)
     with logging_redirect_tqdm():
         return predict_jobs(model, jobs, options)
 
@@ -85,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, InferenceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     report(summary, args.save_root)
     return EXIT_FAILED_IMAGES if summary.failed else 0
 

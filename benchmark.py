@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from utils.benchmarking import Row, data_rows, eval_rows, inference_rows, markdown_table, train_rows
+from utils.benchmarking import Row, data_rows, eval_rows, inference_rows, markdown_table, runtime_rows, train_rows
 from utils.data import DataError
 from utils.inference import InferenceError, select_device
 from utils.trainer import TrainingError
 
-PARTS = ("inference", "train", "data", "eval")
+PARTS = ("inference", "runtimes", "train", "data", "eval")
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,6 +50,8 @@ def measure(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     if "inference" in args.only:
         rows += inference_rows(args.size, args.batch, args.runs, device, args.compile)
+    if "runtimes" in args.only:  # ONNX export under OpenVINO and onnxruntime: CPU rows
+        rows += runtime_rows(args.size, args.runs)
     if "train" in args.only:
         rows += train_rows(args.trainsize, args.train_batch, args.train_runs, str(device), args.train_amp)
     if "data" in args.only:

@@ -424,3 +424,46 @@ def benchmark_loading(n: int, size: tuple[int, int] = (2500, 3400), trainsize: i
             "fast_samples_per_s": 1.0 / fast_s, "speedup": release_s / fast_s,
             "cached_samples_per_s": 1.0 / cached_s,
             "fast_max_diff_image": max(d[0] for d in diffs), "fast_max_diff_mask": max(d[1] for d in diffs)}
+
+
+def runtime_rows(size: int, runs: int, seed: int = 0) -> list[Row]:
+    """Release compute vs PyTorch fast path vs the ONNX export under OpenVINO (fp32, bf16) and onnxruntime (CPU)."""
+    from utils.onnx_export import export_onnx
+    from utils.runtimes import OnnxRuntimeRunner, OpenVINORunner
+
+    cpu = torch.device("cpu")
+    name = device_name(cpu)
+    torch.manual_seed(seed)
+    base = FSANet().eval()
+    state = base.state_dict()
+    release, fast = use_release_compute(base), _prepared(state, cpu)
+    with tempfile.TemporaryDirectory(prefix="fsanet_bench_onnx_") as tmp:
+        onnx_path, ov_cache = Path(tmp) / "fsanet.onnx", Path(tmp) / "openvino"
+        to_export = FSANet().eval()
+        to_export.load_state_dict(state)
+        export_s = export_onnx(to_export, onnx_path, size)
+        cold = OpenVINORunner(onnx_path, size, "f32", ov_cache).compile_seconds
+        runners = {"openvino fp32": OpenVINORunner(onnx_path, size, "f32", ov_cache),
+                   "openvino bf16": OpenVINORunner(onnx_path, size, "bf16", ov_cache),
+                   "onnxruntime fp32": OnnxRuntimeRunner(onnx_path, size)}
+        x = torch.randn(1, 3, size, size)
+        variants = {"release": lambda: release(x)[0], "torch fp32": lambda: fast.predict(x)}
+        variants.update({k: (lambda r=r: r.predict(x)) for k, r in runners.items()})
+        with torch.inference_mode():
+            timings = time_interleaved(variants, cpu, runs)
+    ref = timings["release"].result.float()
+    rows = [Row(f"forward {size}x{size}, batch 1, release compute", f"{timings['release'].median:.3f} s", name,
+                "fp32", "baseline of the runtime rows", {"seconds": timings["release"].median})]
+    for key in list(variants)[1:]:
+        runtime, dtype = key.split()
+        diff = (timings[key].result.float() - ref).abs().max().item()
+        note = f"{ratio(timings, key, 'release'):.3f}x the release; max logit diff {diff:.1e}"
+        if key in runners:
+            note += f"; load/compile {runners[key].compile_seconds:.2f} s"
+        rows.append(Row(f"forward {size}x{size}, batch 1, runtime {runtime}", f"{timings[key].median:.3f} s", name,
+                        dtype, note, {"seconds": timings[key].median, "ratio": ratio(timings, key, "release"),
+                                      "max_logit_diff": diff}))
+    rows.append(Row(f"ONNX export at {size}x{size}, OpenVINO compile", f"{export_s:.1f} s", name, "fp32",
+                    f"OpenVINO compile {cold:.2f} s cold, {runners['openvino fp32'].compile_seconds:.2f} s from its cache",
+                    {"export_seconds": export_s, "compile_cold_seconds": cold}))
+    return rows

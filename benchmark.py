@@ -19,11 +19,12 @@ import torch
 from pipelines.benchmarks.eval_speed import eval_rows
 from pipelines.benchmarks.loading import data_rows
 from pipelines.benchmarks.model import TRAIN_VARIANTS, inference_rows, train_rows
+from pipelines.benchmarks.runtimes import runtime_rows
 from pipelines.benchmarks.timing import Row, rows_table
 from utils.device import AMP_CHOICES, resolve_device
 from utils.errors import EXIT_OK, run_cli
 
-PARTS = ("inference", "train", "data", "eval")
+PARTS = ("inference", "runtimes", "train", "data", "eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +59,8 @@ def measure(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     if "inference" in args.only:
         rows += inference_rows(args.size, args.batch, args.runs, device, args.compile)
+    if "runtimes" in args.only:  # ONNX export under OpenVINO and onnxruntime: CPU rows
+        rows += runtime_rows(args.size, args.runs)
     if "train" in args.only:
         # train.py's --device as given: "auto"/"cuda" mean DataParallel over every visible GPU, as in training.
         rows += train_rows(args.trainsize, args.train_batch, args.train_runs, args.device, args.train_amp,

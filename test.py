@@ -19,14 +19,16 @@ from pipelines.inference import (
     check_options,
     dis5k_jobs,
     folder_job,
-    load_model,
+    load_predictor,
     predict_jobs,
 )
 from utils.atomic import check_writable_dir
+from utils.cutout import SAVE_MODES
 from utils.device import AMP_CHOICES, resolve_device
 from utils.dis5k import EVAL_SPLITS
 from utils.errors import EXIT_FAILED, EXIT_OK, run_cli
 from utils.imageio import DEFAULT_MAX_PIXELS, set_max_pixels
+from utils.runtimes import RUNTIMES, HFlipTTA
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +63,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse (skip, named) images whose header says more pixels than this, before decoding: "
                         "decompression bombs (default: PIL's own limit, which every DIS5K image fits)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="auto: OpenVINO on the CPU (exported to ONNX once per checkpoint and size, then cached), "
+                        "PyTorch on CUDA; torch, openvino or onnxruntime to choose")
+    p.add_argument("--cache_dir", default=None,
+                   help="folder of the ONNX export and OpenVINO compile caches "
+                        "(default: $XDG_CACHE_HOME/fsanet or ~/.cache/fsanet)")
+    p.add_argument("--save_mode", choices=SAVE_MODES, default="map",
+                   help="map: the 8-bit map (release); rgba: the image with the map as alpha; "
+                        "overlay: the map tinted over the image (a visual check)")
+    p.add_argument("--tta", choices=("none", "hflip"), default="none",
+                   help="hflip: average the logits of each image and its mirror image "
+                        "(test-time augmentation; not part of the release's protocol)")
     return p.parse_args(argv)
 
 
@@ -68,7 +82,8 @@ def predict(args: argparse.Namespace, summary: InferenceSummary) -> InferenceSum
     """Find the images, check the output folder, load the model and write the maps (counted in `summary`)."""
     options = InferenceOptions(testsize=args.testsize, device=resolve_device(args.device),
                                batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp,
-                               fast_decode=args.fast_decode, skip_existing=args.skip_existing)
+                               fast_decode=args.fast_decode, skip_existing=args.skip_existing,
+                               save_mode=args.save_mode)
     check_options(options)
     if args.max_pixels < 1:
         raise InferenceError(f"--max_pixels {args.max_pixels}: must be positive")
@@ -79,7 +94,9 @@ def predict(args: argparse.Namespace, summary: InferenceSummary) -> InferenceSum
     else:
         jobs = dis5k_jobs(args.data_root, args.datasets, args.save_root)
     check_writable_dir(args.save_root, "--save_root")
-    model = load_model(args.pth_path, args.freq_encoder, options.device, options.amp)
+    model = load_predictor(args.pth_path, args.freq_encoder, options, args.runtime, args.cache_dir)
+    if args.tta == "hflip":
+        model = HFlipTTA(model)
     with logging_redirect_tqdm():
         return predict_jobs(model, jobs, options, summary)
 

@@ -26,6 +26,7 @@ from lib import FSANet, load_checkpoint
 from lib.fast import optimize_for_inference
 from lib.frequency import MIN_KEPT_FRACTION, narrow_band_sizes, scaled_radius
 from utils.atomic import remove_stale_temps
+from utils.cutout import SAVE_MODES, write_output
 from utils.data import image_tensor
 from utils.device import AMP_CHOICES, amp_dtype, autocast
 from utils.dis5k import expected_folders, split_folders
@@ -37,8 +38,8 @@ from utils.imageio import (
     is_readable_png,
     list_images,
     read_rgb,
-    write_png,
 )
+from utils.runtimes import ExportSpec, RuntimeUnavailable, choose_runtime, load_runner
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class InferenceOptions:
     amp: str = "none"
     fast_decode: bool = False
     skip_existing: bool = False
+    save_mode: str = "map"  # utils.cutout.SAVE_MODES: the map, an RGBA cutout or an overlay
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ def check_options(options: InferenceOptions) -> None:
         raise InferenceError(f"--batch_size {options.batch_size}: must be at least 1")
     if options.num_workers < 0:
         raise InferenceError(f"--num_workers {options.num_workers}: must be 0 or more")
+    if options.save_mode not in SAVE_MODES:
+        raise InferenceError(f"--save_mode {options.save_mode}: choose one of {', '.join(SAVE_MODES)}")
     if options.amp not in AMP_CHOICES:
         raise InferenceError(f"--amp {options.amp}: choose one of {', '.join(AMP_CHOICES)}")
     if options.amp == "fp16" and options.device.type == "cpu":
@@ -195,6 +199,26 @@ def load_model(pth_path: str | os.PathLike, freq_encoder: str, device: torch.dev
     model = FSANet(freq_encoder=freq_encoder)
     load_checkpoint(model, pth_path)
     return optimize_for_inference(model.to(device), autocast_dtype=amp_dtype(amp))
+
+
+def load_predictor(pth_path: str | os.PathLike, freq_encoder: str, options: InferenceOptions, runtime: str = "torch",
+                   cache_dir: str | os.PathLike | None = None) -> object:
+    """The model under `runtime` (auto, torch, openvino, onnxruntime): an exported runner or the PyTorch model.
+
+    `auto` falls back to PyTorch with a warning when the exported runtime is unavailable; an explicit
+    runtime that fails is an InferenceError (exit 2).
+    """
+    chosen = choose_runtime(runtime, options.device)
+    if chosen != "torch":
+        if options.device.type != "cpu":
+            raise InferenceError(f"--runtime {chosen} runs on the CPU here; pass --device cpu or --runtime torch")
+        try:
+            return load_runner(chosen, ExportSpec(pth_path, options.testsize, freq_encoder), options.amp, cache_dir)
+        except RuntimeUnavailable as e:
+            if runtime != "auto":
+                raise InferenceError(str(e)) from None
+            log.warning("%s; falling back to --runtime torch", e)
+    return load_model(pth_path, freq_encoder, options.device, options.amp)
 
 
 class ImageListDataset(Dataset):
@@ -303,8 +327,8 @@ def _predict_batch(model: nn.Module, batch: Batch, paths: Sequence[Path], save_d
         for logits, index, size in zip(p1, batch.indices, batch.sizes):
             target = map_path(save_dir, paths[index])
             try:
-                write_png(logits_to_map(logits, size), target)
-            except OSError as e:
+                write_output(logits_to_map(logits, size), paths[index], target, options.save_mode)
+            except (OSError, ImageReadError) as e:  # rgba/overlay read the image again
                 log.warning("could not write %s: %s", target, e)
                 summary.failed.append((paths[index], f"{target}: cannot write map ({e})"))
                 continue

@@ -21,8 +21,10 @@ SMALL = "64"  # test size for everything except the release comparison, which is
 
 
 def run_test_py(*args: str | os.PathLike) -> subprocess.CompletedProcess:
-    """Run test.py with the venv's python, as a user would."""
-    return subprocess.run([sys.executable, str(ROOT / "test.py"), *map(str, args)], cwd=ROOT,
+    """Run test.py with the venv's python, as a user would (PyTorch runtime unless `--runtime` is given)."""
+    # `auto` would export every test's fresh checkpoint to ONNX first; tests/test_runtimes.py covers that.
+    runtime = () if "--runtime" in map(str, args) else ("--runtime", "torch")
+    return subprocess.run([sys.executable, str(ROOT / "test.py"), *map(str, args), *runtime], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -1,0 +1,81 @@
+"""Export FSANet.predict to ONNX and check the file under onnxruntime against PyTorch.
+
+    python export.py --pth_path checkpoints/FSANet/FSANet-100.pth --testsize 1024 --output fsanet.onnx
+
+Input `image`: B x 3 x S x S ImageNet-normalised float32; output `logits`: P1, B x 1 x S x S (apply
+the release's post-processing: bilinear to the image size, sigmoid, min-max). The weights go to
+`<output>.data` beside the file (keep the two together). Exit 1 when onnxruntime differs from
+PyTorch by more than --tolerance; 2 on a setup problem.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from lib.encoders import FREQ_ENCODERS
+from utils.errors import EXIT_FAILED, EXIT_OK, FSANetError, RunError, run_cli
+from utils.onnx_export import DEFAULT_OPSET
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Checkpoint, size, output file and export options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pth_path", required=True, help="checkpoint: the release's FSANet-100.pth, ours, or a state dict")
+    p.add_argument("--testsize", type=int, default=992, help="square input size (multiple of 32; release: 992)")
+    p.add_argument("--output", type=Path, default=Path("fsanet.onnx"), help="ONNX file to write")
+    p.add_argument("--freq_encoder", choices=tuple(FREQ_ENCODERS), default="resnet50",
+                   help="frequency encoder the checkpoint was trained with (release: resnet50)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help="ONNX opset (default 17: OpenVINO reads DFT's axis wrongly at opset 20)")
+    p.add_argument("--dynamic_batch", action="store_true", help="leave the batch dimension free (default: 1)")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest accepted |logit| difference between onnxruntime and PyTorch")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """FSANetError (exit 2) when the arguments cannot work."""
+    if args.testsize <= 0 or args.testsize % 32:
+        raise FSANetError(f"--testsize {args.testsize}: must be a positive multiple of 32 (release: 992)")
+    if args.output.suffix != ".onnx":
+        raise FSANetError(f"--output {args.output}: name the file *.onnx")
+    if args.output.is_dir():
+        raise FSANetError(f"--output {args.output} is a folder; name a file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export, check with onnxruntime, print the result; the exit status."""
+    from lib import FSANet, load_checkpoint
+    from utils.onnx_export import ExportError, check_against_torch, describe_external_data, export_onnx
+
+    check_args(args)
+    model = load_checkpoint(FSANet(freq_encoder=args.freq_encoder), args.pth_path)
+    try:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        seconds = export_onnx(model, args.output, args.testsize, args.opset, args.dynamic_batch, external_data=True)
+        # The check runs the model export_onnx prepared (BatchNorm folded: the same arithmetic).
+        diff = check_against_torch(model, args.output, args.testsize, batch=2 if args.dynamic_batch else 1)
+    except ImportError as e:
+        raise ExportError(str(e)) from None
+    except OSError as e:
+        raise RunError(f"{args.output}: cannot write ({e.strerror or e}); choose another --output") from None
+    print(f"wrote {args.output} in {seconds:.1f} s ({describe_external_data(args.output)}); "
+          f"onnxruntime vs PyTorch max |logit difference| {diff:.2e}")
+    if not diff <= args.tolerance:
+        print(f"error: {args.output}: onnxruntime differs from PyTorch by {diff:.2e} > --tolerance "
+              f"{args.tolerance:g}; do not use this file", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run export.py: 0 done, 1 export failed or mismatched, 2 refused, 130 interrupted."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    return run_cli(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""ONNX export, the OpenVINO / onnxruntime runners and their cache, cutouts, overlays and TTA.
+
+One real export (the fixtures' seed-0 release checkpoint at 256, the size of infer_case) is shared
+by the whole module; the cache's bookkeeping is tested with a stand-in exporter that writes bytes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image
+
+from pipelines import inference
+from utils import cutout, onnx_export, runtimes
+
+SIZE = 256  # infer_case's size: the one export serves the runner tests and the map comparison
+
+
+def run_test_py(*args: str | os.PathLike) -> subprocess.CompletedProcess:
+    """Run test.py with the venv's python, as a user would."""
+    return subprocess.run([sys.executable, str(ROOT / "test.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def read_png(path: Path) -> np.ndarray:
+    """A PNG as an array."""
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+@pytest.fixture(scope="module")
+def release_ckpt(tmp_path_factory: pytest.TempPathFactory, official_weights) -> Path:
+    """A checkpoint laid out like the release's FSANet-100.pth (the fixtures' seed-0 weights)."""
+    path = tmp_path_factory.mktemp("ckpt") / "FSANet-100.pth"
+    official_weights.save_official_checkpoint(path, seed=0, radius=60.0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module's export cache (never ~/.cache)."""
+    return tmp_path_factory.mktemp("fsanet_cache")
+
+
+@pytest.fixture(scope="module")
+def exported(release_ckpt: Path, cache_root: Path) -> Path:
+    """The real ONNX export of the release checkpoint at SIZE, through the cache."""
+    return runtimes.ExportCache(cache_root).get(runtimes.ExportSpec(release_ckpt, SIZE))
+
+
+@pytest.fixture(scope="module")
+def torch_model(release_ckpt: Path) -> torch.nn.Module:
+    """The PyTorch fast path test.py runs with --runtime torch."""
+    return inference.load_model(release_ckpt, "resnet50", torch.device("cpu"))
+
+
+def test_export_matches_torch_under_onnxruntime_and_openvino(exported: Path, torch_model: torch.nn.Module,
+                                                             cache_root: Path) -> None:
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = torch_model.predict(x)
+    ort_runner = runtimes.OnnxRuntimeRunner(exported, SIZE)
+    ov_runner = runtimes.OpenVINORunner(exported, SIZE, "f32", cache_root / "openvino")
+    for runner in (ort_runner, ov_runner):
+        got = runner.predict(x)
+        assert got.shape == expected.shape == (2, 1, SIZE, SIZE) and got.dtype == torch.float32
+        assert (got - expected).abs().max().item() < 1e-3, runner.name
+    # bf16 really runs in bf16 (a different answer) and stays close.
+    bf16 = runtimes.OpenVINORunner(exported, SIZE, "bf16", cache_root / "openvino").predict(x[:1])
+    assert 0 < (bf16 - expected[:1]).abs().max().item() < 0.5
+
+
+def test_runner_refuses_an_export_for_another_size(exported: Path) -> None:
+    with pytest.raises(runtimes.RuntimeUnavailable, match="export it again"):
+        runtimes.OpenVINORunner(exported, SIZE // 2)
+    with pytest.raises(runtimes.RuntimeUnavailable, match="export it again"):
+        runtimes.OnnxRuntimeRunner(exported, SIZE * 2)
+
+
+def test_openvino_maps_equal_torch_maps_on_infer_case(reference_dir: Path, release_ckpt: Path, exported: Path,
+                                                      cache_root: Path, tmp_path: Path) -> None:
+    images = reference_dir / "infer_case" / "im"
+    common = ("--pth_path", release_ckpt, "--input", images, "--testsize", str(SIZE), "--device", "cpu")
+    torch_run = run_test_py(*common, "--save_root", tmp_path / "torch", "--runtime", "torch")
+    ov_run = run_test_py(*common, "--save_root", tmp_path / "openvino", "--runtime", "openvino",
+                         "--cache_dir", cache_root)
+    assert torch_run.returncode == 0, torch_run.stderr
+    assert ov_run.returncode == 0, ov_run.stderr
+    assert "exporting" not in ov_run.stderr  # the module's export was found in the cache
+    expected = sorted((reference_dir / "infer_case" / "expected_256").glob("*.png"))
+    for ref in expected:
+        ours = read_png(tmp_path / "openvino" / ref.name).astype(int)
+        assert np.abs(ours - read_png(tmp_path / "torch" / ref.name)).max() <= 1, ref.name
+        release = np.abs(ours - read_png(ref))
+        assert release.mean() <= 0.5 and release.max() <= 4, ref.name
+
+
+def test_cache_entry_is_reused_and_verified(exported: Path, release_ckpt: Path, cache_root: Path,
+                                            tmp_path: Path) -> None:
+    spec = runtimes.ExportSpec(release_ckpt, SIZE)
+    root = tmp_path / "cache"
+    shutil.copytree(cache_root / "onnx", root / "onnx")
+
+    def must_not_export(spec: runtimes.ExportSpec, path: Path) -> float:
+        raise AssertionError("a sound cache entry was exported again")
+
+    cache = runtimes.ExportCache(root, exporter=must_not_export)
+    assert cache.get(spec) == root / "onnx" / exported.name
+    record = json.loads(exported.with_suffix(".json").read_text())
+    assert record["testsize"] == SIZE and record["freq_encoder"] == "resnet50"
+    assert record["onnx_sha256"] == runtimes.file_sha256(exported)
+
+
+def fake_exporter(calls: list[Path]):
+    """An exporter that writes a small stand-in file and records where it was asked to write."""
+    def export(spec: runtimes.ExportSpec, path: Path) -> float:
+        # Written under a temporary name and renamed when complete: a concurrent reader never sees it half-written.
+        assert path.suffix == ".tmp"
+        calls.append(path)
+        path.write_bytes(f"{spec.testsize} {spec.freq_encoder}".encode() * 100)
+        return 0.0
+    return export
+
+
+@pytest.fixture
+def small_ckpt(tmp_path: Path) -> Path:
+    """A stand-in checkpoint file (the cache hashes it; the fake exporter never reads it)."""
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"weights v1")
+    return path
+
+
+def test_cache_rebuilds_missing_corrupt_and_foreign_entries(small_ckpt: Path, tmp_path: Path) -> None:
+    calls: list[Path] = []
+    cache = runtimes.ExportCache(tmp_path / "cache", exporter=fake_exporter(calls))
+    spec = runtimes.ExportSpec(small_ckpt, 64)
+    path = cache.get(spec)
+    assert len(calls) == 1 and calls[0] != path and path.read_bytes().startswith(b"64 resnet50")
+    assert cache.get(spec) == path and len(calls) == 1  # hit
+    # Corrupt model file (same size, one byte changed): rebuilt.
+    data = bytearray(path.read_bytes())
+    data[10] ^= 1
+    path.write_bytes(bytes(data))
+    assert cache.get(spec) == path and len(calls) == 2
+    # Truncated, then missing model file; missing and unreadable record: rebuilt each time.
+    path.write_bytes(path.read_bytes()[:50])
+    cache.get(spec)
+    path.unlink()
+    cache.get(spec)
+    path.with_suffix(".json").unlink()
+    cache.get(spec)
+    path.with_suffix(".json").write_text("{not json")
+    cache.get(spec)
+    assert len(calls) == 6 and path.read_bytes().startswith(b"64 resnet50")
+    assert not [p for p in path.parent.iterdir() if p.suffix not in (".onnx", ".json")]  # no temporaries left
+
+
+def test_cache_key_separates_size_architecture_weights_and_versions(small_ckpt: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    cache = runtimes.ExportCache(tmp_path / "cache", exporter=fake_exporter(calls))
+    base = cache.get(runtimes.ExportSpec(small_ckpt, 64))
+    other_size = cache.get(runtimes.ExportSpec(small_ckpt, 128))
+    other_arch = cache.get(runtimes.ExportSpec(small_ckpt, 64, "res2net50"))
+    assert len({base, other_size, other_arch}) == 3 and len(calls) == 3
+    assert other_size.read_bytes().startswith(b"128 resnet50") and other_arch.read_bytes().startswith(b"64 res2net50")
+    small_ckpt.write_bytes(b"weights v2")  # retrained weights, same file name
+    assert cache.get(runtimes.ExportSpec(small_ckpt, 64)) != base and len(calls) == 4
+    monkeypatch.setattr(runtimes, "package_version", lambda name: "99.0")
+    cache.get(runtimes.ExportSpec(small_ckpt, 64))
+    assert len(calls) == 5
+    # A record naming another size is never used for this one, even under this entry's file name.
+    fields = runtimes.cache_fields(runtimes.ExportSpec(small_ckpt, 64))
+    model_path, record_path = cache.paths(fields)
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps(dict(record, testsize=128)))
+    assert "another checkpoint, size or version" in runtimes.ExportCache.check(fields, model_path, record_path)
+
+
+def test_cache_folder_default_and_unwritable_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert runtimes.default_cache_dir() == tmp_path / "xdg" / "fsanet"
+    assert runtimes.usable_cache_dir(None) == tmp_path / "xdg" / "fsanet"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with caplog.at_level(logging.WARNING):
+        fallback = runtimes.usable_cache_dir(blocker / "cache")
+    assert fallback.is_dir() and os.access(fallback, os.W_OK) and "not writable" in caplog.text
+    shutil.rmtree(fallback)
+
+
+def test_explicit_runtime_refusals_and_auto_fallback(release_ckpt: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = runtimes.ExportSpec(release_ckpt, 64)
+    with pytest.raises(runtimes.RuntimeUnavailable, match="--amp bf16 with --runtime onnxruntime"):
+        runtimes.load_runner("onnxruntime", spec, "bf16", tmp_path)
+    monkeypatch.setattr(runtimes.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(runtimes.RuntimeUnavailable, match="openvino package is not installed"):
+        runtimes.load_runner("openvino", spec, None, tmp_path)
+    assert runtimes.choose_runtime("auto", torch.device("cpu")) == "openvino"
+    assert runtimes.choose_runtime("auto", torch.device("cuda")) == "torch"
+
+
+def test_test_py_auto_falls_back_and_explicit_exits_2(release_ckpt: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from tests.test_inference import load_test_script, scene
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(scene(40, 32)).save(photos / "x.jpg")
+    script = load_test_script()
+
+    def unavailable(*args, **kwargs):
+        raise runtimes.RuntimeUnavailable("--runtime openvino: the openvino package is not installed")
+
+    monkeypatch.setattr(inference, "load_runner", unavailable)
+    base = ["--pth_path", str(release_ckpt), "--input", str(photos), "--testsize", "64", "--device", "cpu"]
+    assert script.main([*base, "--save_root", str(tmp_path / "a"), "--runtime", "openvino"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --runtime openvino") and "not installed" in err[0]
+    with caplog.at_level(logging.WARNING):
+        assert script.main([*base, "--save_root", str(tmp_path / "b")]) == 0
+    assert "falling back to --runtime torch" in caplog.text
+    assert (tmp_path / "b" / "x.png").is_file()
+
+
+def test_rgba_and_overlay_outputs(torch_model: torch.nn.Module, tmp_path: Path) -> None:
+    from tests.test_inference import scene
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rgb = scene(72, 56)
+    Image.fromarray(rgb).save(photos / "a.png")
+    alpha = np.full(rgb.shape[:2], 9, np.uint8)  # input alpha is dropped, as the release's convert('RGB')
+    Image.fromarray(np.dstack([scene(40, 90, seed=1), alpha[:1].repeat(90, 0)[:, :40]])).save(photos / "b.png")
+    outputs = {}
+    for mode in cutout.SAVE_MODES:
+        options = inference.InferenceOptions(testsize=64, batch_size=2, save_mode=mode)
+        summary = inference.predict_jobs(torch_model, [inference.folder_job(photos, tmp_path / mode)], options)
+        assert summary.written == 2 and not summary.failed
+        outputs[mode] = {name: read_png(tmp_path / mode / name) for name in ("a.png", "b.png")}
+    for name, (width, height) in {"a.png": (72, 56), "b.png": (40, 90)}.items():
+        prediction, rgba, tinted = (outputs[m][name] for m in ("map", "rgba", "overlay"))
+        source = read_png(photos / name)[..., :3]
+        assert prediction.shape == (height, width)
+        assert rgba.shape == (height, width, 4) and np.array_equal(rgba[..., 3], prediction)
+        assert np.array_equal(rgba[..., :3], source)
+        assert tinted.shape == (height, width, 3)
+        # Where the map is 0 the overlay is the image; where it is 255 it is tinted.
+        assert np.array_equal(tinted[prediction == 0], source[prediction == 0])
+        assert not np.array_equal(tinted[prediction == 255], source[prediction == 255])
+
+
+def test_cutout_refuses_a_map_of_another_size() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        cutout.rgba_cutout(np.zeros((4, 5, 3), np.uint8), np.zeros((5, 4), np.uint8))
+
+
+def test_hflip_tta_averages_the_image_and_its_mirror(torch_model: torch.nn.Module) -> None:
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    tta = runtimes.HFlipTTA(torch_model).eval()
+    with torch.inference_mode():
+        plain, mirrored = torch_model.predict(x), torch_model.predict(x.flip(-1)).flip(-1)
+        got = tta.predict(x)
+        assert torch.allclose(got, (plain + mirrored) / 2, atol=1e-6)
+        assert not torch.allclose(got, plain, atol=1e-4)
+        # The average is the same for the mirror image, mirrored back.
+        assert torch.allclose(tta.predict(x.flip(-1)).flip(-1), got, atol=1e-5)
+
+
+def test_export_script_checks_with_onnxruntime(exported: Path, release_ckpt: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fsanet_export_script", ROOT / "export.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # The real export is the module's (export_onnx, tested above); here the script's check and exit codes.
+    real_export = onnx_export.export_onnx
+
+    def copy_export(model, path, testsize, *args, **kwargs) -> float:
+        onnx_export.prepare_for_export(model)
+        shutil.copyfile(exported, path)
+        return 0.0
+
+    monkeypatch.setattr(onnx_export, "export_onnx", copy_export)
+    out = tmp_path / "fsanet.onnx"
+    base = ["--pth_path", str(release_ckpt), "--testsize", str(SIZE), "--output", str(out)]
+    # One real check (model load, onnxruntime session, PyTorch forward); --tolerance 0 makes it fail.
+    assert script.main([*base, "--tolerance", "0"]) == 1
+    captured = capsys.readouterr()
+    diff = float(captured.out.split("max |logit difference| ")[1])
+    assert 0 < diff < 1e-3 and out.is_file()
+    assert "onnxruntime differs from PyTorch" in captured.err
+    assert script.main([*base[:-1], str(tmp_path / "model.bin")]) == 2
+    assert script.main([*base[:2], "--testsize", "100", "--output", str(out)]) == 2
+    assert real_export is not copy_export

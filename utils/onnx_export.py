@@ -1,0 +1,123 @@
+"""Export FSANet.predict (P1 logits) to ONNX, and check the file under onnxruntime against PyTorch.
+
+The graph takes a B x 3 x S x S ImageNet-normalised float32 batch and returns B x 1 x S x S P1
+logits; the FFT high-pass filter is part of it. BatchNorm is folded first (the same arithmetic the
+PyTorch fast path runs), and the model is traced with torch.export in strict mode, which handles
+the filter's autocast guard that the exporter's first, non-strict attempt fails on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.errors import RunError
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+MAX_BATCH = 1024  # upper bound of the dynamic batch dimension (torch.export needs one)
+# Opset 20 moved DFT's axis to an input, which OpenVINO 2026.4's ONNX frontend ignores (every FFT
+# then runs along the default axis: logits off by ~1); with 17 the axis is an attribute both read.
+DEFAULT_OPSET = 17
+
+
+class ExportError(RunError):
+    """The model could not be exported or checked; the message names the cause and the fix."""
+
+
+class PredictGraph(nn.Module):
+    """FSANet.predict as a module's forward, the one function torch.export traces."""
+
+    def __init__(self, model: nn.Module) -> None:
+        """Wrap `model` (an FSANet in eval mode)."""
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """B x 3 x S x S normalised images -> B x 1 x S x S P1 logits."""
+        return self.model.predict(x)
+
+
+def prepare_for_export(model: nn.Module) -> nn.Module:
+    """Eval mode, float32, BatchNorm folded, default memory layout (exported graphs pick their own)."""
+    from lib.fast import fold_batchnorm  # here: the cached-runtime path of test.py never needs it
+
+    model = model.float().eval().to(memory_format=torch.contiguous_format)
+    if hasattr(model, "memory_format"):
+        model.memory_format = torch.contiguous_format
+    return fold_batchnorm(model)
+
+
+def _clear_filter_masks(model: nn.Module) -> None:
+    """Forget high-pass masks cached while tracing: they may hold tracer tensors, not real ones."""
+    for module in model.modules():
+        masks = getattr(module, "_masks", None)
+        if isinstance(masks, dict):
+            masks.clear()
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, testsize: int, opset: int | None = DEFAULT_OPSET,
+                dynamic_batch: bool = False, external_data: bool = False) -> float:
+    """Write `model.predict` at `testsize` to `path` as ONNX; returns the seconds it took.
+
+    With `external_data` the weights go to `<path>.data` beside it; without, one self-contained file
+    (FSANet's 437 MB of weights fit under protobuf's 2 GB limit).
+    """
+    start = time.perf_counter()
+    graph = PredictGraph(prepare_for_export(model)).eval()
+    batch = 2 if dynamic_batch else 1  # torch.export specialises a dimension traced at size 1
+    example = (torch.randn(batch, 3, testsize, testsize),)
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},) if dynamic_batch else None
+    # A mask cached by an earlier call carries a version stamp the tracer cannot compare; rebuild it inside.
+    _clear_filter_masks(model)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(graph, example, dynamic_shapes=dynamic, strict=True)
+            onnx_program = torch.onnx.export(program, example, dynamo=True, opset_version=opset,
+                                             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False)
+    except Exception as e:  # torch.export and the ONNX translator raise many unrelated types
+        raise ExportError(f"ONNX export failed at --testsize {testsize}: {str(e).splitlines()[0][:300]}") from None
+    finally:
+        _clear_filter_masks(model)
+    onnx_program.save(str(path), external_data=external_data)
+    return time.perf_counter() - start
+
+
+def torch_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """P1 logits of `model` for `x` in float32, as a numpy array."""
+    with torch.inference_mode():
+        return model.predict(x).float().numpy()
+
+
+def onnxruntime_logits(path: str | os.PathLike, x: np.ndarray) -> np.ndarray:
+    """P1 logits of the ONNX file at `path` for `x` under onnxruntime's CPU provider."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def check_against_torch(model: nn.Module, path: str | os.PathLike, testsize: int, batch: int = 1,
+                        seed: int = 0) -> float:
+    """Max |logit difference| between the ONNX file (onnxruntime) and `model` on a random input."""
+    x = torch.randn(batch, 3, testsize, testsize, generator=torch.Generator().manual_seed(seed))
+    expected = torch_logits(model, x)
+    got = onnxruntime_logits(path, x.numpy())
+    if got.shape != expected.shape:
+        raise ExportError(f"{path}: onnxruntime output shape {got.shape}, PyTorch {expected.shape}")
+    return float(np.abs(got - expected).max())
+
+
+def describe_external_data(path: str | os.PathLike) -> str:
+    """Where the weights of the ONNX file at `path` live, for the user."""
+    data = Path(f"{path}.data")
+    if data.is_file():
+        return f"weights in {data} beside it (keep the two files together)"
+    return "weights inside the file"

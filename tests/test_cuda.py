@@ -203,7 +203,7 @@ def test_data_parallel_replicas_run_under_bf16_autocast(pairs, tmp_path):
     dtypes: list[torch.dtype] = []
     trainer.model.rgb_encoder.body.patch_embed.proj.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     trainer.sampler.set_epoch(1)
-    images, gts = next(iter(trainer.loader))
+    images, gts, _ = next(iter(trainer.loader))
     trainer.train_batch(images, gts, epoch=1)
     assert len(dtypes) == torch.cuda.device_count() and set(dtypes) == {torch.bfloat16}
 
@@ -214,7 +214,7 @@ def test_fp16_clamps_unscaled_gradients(pairs, tmp_path, figure):
     trainer = Trainer(cfg)
     trainer.close_writer()
     trainer.sampler.set_epoch(1)
-    images, gts = next(iter(trainer.loader))
+    images, gts, _ = next(iter(trainer.loader))
     losses = trainer.train_batch(images, gts, epoch=1)
     scale = trainer.scaler.get_scale()
     grads = torch.cat([p.grad.flatten().float() for p in trainer.model.parameters() if p.grad is not None])

@@ -61,7 +61,7 @@ def test_accumulated_halves_take_the_full_batch_steps(four_pairs, tmp_path):
     for a, b in zip(full.model.parameters(), accum.model.parameters()):
         assert torch.equal(a, b)  # same seed, same initial weights
     full.sampler.set_epoch(1)
-    images, gts = next(iter(full.loader))
+    images, gts, _ = next(iter(full.loader))
     loss_full = full.train_batch(images, gts, epoch=1)
     loss_accum = accum.train_batches([(images[:2], gts[:2]), (images[2:], gts[2:])], epoch=1)
     # One clamp and one AdaXW step per rate, not per micro-batch.

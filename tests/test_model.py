@@ -177,7 +177,7 @@ def test_bad_files_give_clear_errors(target, release_file, tmp_path):
         load_checkpoint(target, tmp_path / "nope.pth")
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(release_file.read_bytes()[: 1 << 20])
-    with pytest.raises(CheckpointError, match="truncated.pth is not a readable"):
+    with pytest.raises(CheckpointError, match="truncated.pth is a truncated or damaged PyTorch checkpoint"):
         load_checkpoint(target, truncated)
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")

@@ -143,7 +143,7 @@ def _train_row(trainsize: int, batch: int, runs: int, device: str, amp: str, acc
                           grad_checkpointing=checkpointing)
         trainer = Trainer(cfg)
         trainer.sampler.set_epoch(1)
-        batches = list(itertools.islice(iter(trainer.loader), accum))
+        batches = [(images, gts) for images, gts, _ in itertools.islice(iter(trainer.loader), accum)]
         dev = trainer.device
         gpus = _reset_gpu_peaks(dev)
         # No warm-up by default: at the release's size one batch is minutes on a CPU.

@@ -4,7 +4,8 @@ Without CUDA it says so and runs nothing. With CUDA it runs, each stage as a chi
 share of one time budget (a stage that runs out is reported, never waited for):
 1. benchmark.py's training rows: images/s and peak memory per GPU at the release's recipe per GPU
    (batch 4, 736, rates 0.75/1/1.25), with --accum_steps 2, with --grad_checkpointing and with both;
-2. `pytest -m cuda` (tests/test_cuda.py), whose figures (differences, scales) the tests write to a file;
+2. `pytest -m cuda` (tests/test_cuda.py and the GPU tests of tests/test_multi_gpu.py), whose figures
+   (differences, scales) the tests write to a file;
 3. benchmark.py's inference rows: latency at 1024 and 992, batch 1, fp32/bf16/fp16, throughput at
    batch 8; and the release's DataParallel training setting when two GPUs are visible.
 The order is one of importance: what a short budget cuts off matters least.

@@ -30,8 +30,17 @@ from utils.distributed import DistContext, unwrap_model, wrap_model
 from utils.losses import RELEASE_WEIGHTS, deep_supervision_loss
 from utils.optim import AdaXW
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+def needs_gpus(count: int) -> Callable[[Callable], Callable]:
+    """Mark a test for `make gpu-check`'s `pytest -m cuda` run; skip it with fewer than `count` CUDA GPUs."""
+    def mark(test: Callable) -> Callable:
+        reason = "needs a CUDA GPU" if count == 1 else f"needs {count} CUDA GPUs"
+        return pytest.mark.cuda(pytest.mark.skipif(torch.cuda.device_count() < count, reason=reason)(test))
+    return mark
+
+
+needs_gpu = needs_gpus(1)
+needs_two_gpus = needs_gpus(2)
 
 
 @pytest.fixture(scope="module")

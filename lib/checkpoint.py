@@ -110,6 +110,20 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return extract_state_dict(torch_load_weights(path), path)
 
 
+def checkpoint_radius(path: str | os.PathLike) -> float | None:
+    """The frequency filter radius a checkpoint holds (None if it has none), read without loading the rest.
+
+    Memory-mapped, so an exported runtime can check its input size against the radius for the cost of the
+    file's index, not its 440 MB of weights.
+    """
+    try:
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be mapped; read them the normal way
+        obj = torch_load_weights(path)
+    radius = extract_state_dict(obj, path).get("frequency.radius")
+    return None if radius is None else float(radius.float().reshape(-1)[0])
+
+
 def extract_state_dict(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model tensors of a loaded checkpoint (`model` / `state_dict` entry or bare), unprefixed."""
     if isinstance(obj, Mapping):

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from lib import FSANet, load_checkpoint
+from lib.checkpoint import checkpoint_radius
 from lib.fast import optimize_for_inference
 from lib.frequency import MIN_KEPT_FRACTION, narrow_band_sizes, scaled_radius
 from utils.atomic import remove_stale_temps
@@ -210,6 +211,7 @@ def load_predictor(pth_path: str | os.PathLike, freq_encoder: str, options: Infe
     """
     chosen = choose_runtime(runtime, options.device)
     if chosen != "torch":
+        warn_narrow_band(checkpoint_radius(pth_path), options.testsize)
         if options.device.type != "cpu":
             raise InferenceError(f"--runtime {chosen} runs on the CPU here; pass --device cpu or --runtime torch")
         try:
@@ -218,7 +220,10 @@ def load_predictor(pth_path: str | os.PathLike, freq_encoder: str, options: Infe
             if runtime != "auto":
                 raise InferenceError(str(e)) from None
             log.warning("%s; falling back to --runtime torch", e)
-    return load_model(pth_path, freq_encoder, options.device, options.amp)
+    model = load_model(pth_path, freq_encoder, options.device, options.amp)
+    if chosen == "torch":
+        warn_narrow_band(float(model.frequency.radius), options.testsize)
+    return model
 
 
 class ImageListDataset(Dataset):
@@ -335,9 +340,10 @@ def _predict_batch(model: nn.Module, batch: Batch, paths: Sequence[Path], save_d
             summary.written += 1
 
 
-def warn_narrow_band(model: nn.Module, testsize: int) -> None:
+def warn_narrow_band(radius: float | None, testsize: int) -> None:
     """Warn when the checkpoint's radius leaves (almost) no high-pass band at --testsize."""
-    radius = float(model.frequency.radius.detach().float().cpu())
+    if radius is None:
+        return
     narrow = narrow_band_sizes({"--testsize": testsize}, radius)
     if not narrow:
         return
@@ -354,7 +360,6 @@ def predict_jobs(model: nn.Module, jobs: Sequence[Job], options: InferenceOption
                  total: InferenceSummary | None = None) -> InferenceSummary:
     """Run every job with one model; the summary (`total`, updated live when given) covers all of them."""
     check_options(options)
-    warn_narrow_band(model, options.testsize)
     model.eval()
     if options.device.type == "cuda":
         # Every batch has the same testsize x testsize shape, so cuDNN's autotuning pays off.

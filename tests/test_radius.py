@@ -83,9 +83,9 @@ def test_train_warning_covers_every_size_of_the_run():
 
 def test_test_py_takes_the_radius_from_the_checkpoint_and_warns(model, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        warn_narrow_band(model, 992)
+        warn_narrow_band(model.frequency.radius.item(), 992)
         assert not caplog.records
-        warn_narrow_band(model, 128)
+        warn_narrow_band(model.frequency.radius.item(), 128)
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
     assert "frequency.radius 100" in message and "--testsize 128" in message
@@ -99,7 +99,7 @@ def test_test_py_takes_the_radius_from_the_checkpoint_and_warns(model, tmp_path,
     (tmp_path / "small.pth").unlink()  # 440 MB
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        warn_narrow_band(loaded, 128)
+        warn_narrow_band(loaded.frequency.radius.item(), 128)
     assert not caplog.records
 
 

@@ -7,9 +7,11 @@ the filter's autocast guard that the exporter's first, non-strict attempt fails 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,8 @@ MAX_BATCH = 1024  # upper bound of the dynamic batch dimension (torch.export nee
 # Opset 20 moved DFT's axis to an input, which OpenVINO 2026.4's ONNX frontend ignores (every FFT
 # then runs along the default axis: logits off by ~1); with 17 the axis is an attribute both read.
 DEFAULT_OPSET = 17
+# Loggers of the exporter and its graph passes: INFO chatter, and tracebacks of fallbacks they recover from.
+EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
 
 
 class ExportError(RunError):
@@ -63,6 +67,20 @@ def _clear_filter_masks(model: nn.Module) -> None:
             masks.clear()
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's own INFO lines and the tracebacks it logs for fallbacks it recovers from."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, testsize: int, opset: int | None = DEFAULT_OPSET,
                 dynamic_batch: bool = False, external_data: bool = False) -> float:
     """Write `model.predict` at `testsize` to `path` as ONNX; returns the seconds it took.
@@ -78,7 +96,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, testsize: int, opset:
     # A mask cached by an earlier call carries a version stamp the tracer cannot compare; rebuild it inside.
     _clear_filter_masks(model)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             program = torch.export.export(graph, example, dynamic_shapes=dynamic, strict=True)
             onnx_program = torch.onnx.export(program, example, dynamo=True, opset_version=opset,
                                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False)

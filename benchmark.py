@@ -21,8 +21,9 @@ from pipelines.benchmarks.loading import data_rows
 from pipelines.benchmarks.model import TRAIN_VARIANTS, inference_rows, train_rows
 from pipelines.benchmarks.runtimes import runtime_rows
 from pipelines.benchmarks.timing import Row, rows_table
+from pipelines.cli import run_cli
 from utils.device import AMP_CHOICES, resolve_device
-from utils.errors import EXIT_OK, run_cli
+from utils.errors import EXIT_OK
 
 PARTS = ("inference", "runtimes", "train", "data", "eval")
 

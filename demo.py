@@ -5,8 +5,9 @@ import argparse
 import logging
 import sys
 
+from pipelines.cli import run_cli
 from pipelines.demo import parse_args, run_demo
-from utils.errors import EXIT_OK, run_cli
+from utils.errors import EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,9 +11,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pipelines.cli import run_cli
 from pipelines.evaluation import EvalConfig, default_cache_dir, default_workers, run_evaluation
 from utils.dis5k import EVAL_SPLITS
-from utils.errors import EXIT_FAILED, EXIT_OK, run_cli
+from utils.errors import EXIT_FAILED, EXIT_OK
 from utils.imageio import DEFAULT_MAX_PIXELS, set_max_pixels
 from utils.metrics import ALL_METRICS, BOUNDARY_METRICS, FIELD_METRICS
 

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from lib.encoders import FREQ_ENCODERS
-from utils.errors import EXIT_FAILED, EXIT_OK, FSANetError, RunError, run_cli
+from pipelines.cli import run_cli
+from utils.errors import EXIT_FAILED, EXIT_OK, FSANetError, RunError
 from utils.onnx_export import DEFAULT_OPSET
 
 

@@ -12,8 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pipelines.cli import run_cli
 from pipelines.gpu_check import run_gpu_check
-from utils.errors import run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

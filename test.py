@@ -12,6 +12,7 @@ import sys
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lib.encoders import FREQ_ENCODERS
+from pipelines.cli import run_cli
 from pipelines.inference import (
     InferenceError,
     InferenceOptions,
@@ -26,7 +27,7 @@ from utils.atomic import check_writable_dir
 from utils.cutout import SAVE_MODES
 from utils.device import AMP_CHOICES, resolve_device
 from utils.dis5k import EVAL_SPLITS
-from utils.errors import EXIT_FAILED, EXIT_OK, run_cli
+from utils.errors import EXIT_FAILED, EXIT_OK
 from utils.imageio import DEFAULT_MAX_PIXELS, set_max_pixels
 from utils.runtimes import RUNTIMES, HFlipTTA
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lib.encoders import FREQ_ENCODERS
+from pipelines.cli import run_cli
 from pipelines.training import TrainConfig, Trainer
 from utils.device import AMP_CHOICES
 from utils.distributed import cleanup_distributed, init_distributed
-from utils.errors import run_cli
 from utils.imageio import DEFAULT_MAX_PIXELS
 from utils.logs import configure_logging
 

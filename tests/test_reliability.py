@@ -30,12 +30,13 @@ import train
 from lib import FSANet
 from lib.checkpoint import CheckpointError, check_compatible, torch_load_weights
 from pipelines import inference
+from pipelines.cli import run_cli
 from pipelines.training.checkpointing import CheckpointSaveError, RunState, save_checkpoint
 from pipelines.training.config import TrainConfig, check_config
 from utils import atomic
 from utils.atomic import check_writable_dir, remove_stale_temps
 from utils.data import TrainDataset, train_collate
-from utils.errors import FSANetError, run_cli
+from utils.errors import FSANetError
 from utils.imageio import ImageReadError, image_size, is_readable_png, read_rgb, set_max_pixels
 from utils.synthetic import generate_split
 

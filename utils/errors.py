@@ -5,8 +5,7 @@ work (bad flag, missing or unwritable path, wrong checkpoint); 130 interrupted (
 """
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -27,19 +26,6 @@ class RunError(FSANetError):
     """A fault after work started (a save that failed, a diverged run): exit 1, nothing computed is lost."""
 
     exit_code = EXIT_FAILED
-
-
-def run_cli(body: Callable[[], int], interrupted: Callable[[], str] | None = None) -> int:
-    """Run a script's body: FSANetError -> `error: <message>` and its exit code; Ctrl-C -> one line, 130."""
-    try:
-        return body()
-    except FSANetError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        done = interrupted() if interrupted is not None else ""
-        print(f"interrupted{': ' + done if done else ''}", file=sys.stderr)
-        return EXIT_INTERRUPTED
 
 
 def one_line(err: BaseException) -> str:

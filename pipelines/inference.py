@@ -84,13 +84,6 @@ class InferenceSummary:
     failed: list[tuple[Path, str]] = field(default_factory=list)
     seconds: float = 0.0
 
-    def merge(self, other: InferenceSummary) -> None:
-        """Add another run's counts to this one."""
-        self.written += other.written
-        self.skipped += other.skipped
-        self.failed.extend(other.failed)
-        self.seconds += other.seconds
-
 
 @dataclass
 class LoadedImage:

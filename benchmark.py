@@ -19,13 +19,14 @@ import torch
 from pipelines.benchmarks.eval_speed import eval_rows
 from pipelines.benchmarks.loading import data_rows
 from pipelines.benchmarks.model import TRAIN_VARIANTS, inference_rows, train_rows
+from pipelines.benchmarks.pipeline import pipeline_rows
 from pipelines.benchmarks.runtimes import runtime_rows
 from pipelines.benchmarks.timing import Row, rows_table
 from pipelines.cli import run_cli
 from utils.device import AMP_CHOICES, resolve_device
 from utils.errors import EXIT_OK
 
-PARTS = ("inference", "runtimes", "train", "data", "eval")
+PARTS = ("inference", "runtimes", "pipeline", "train", "data", "eval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="the larger inference batch")
     p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the fast model")
+    p.add_argument("--pipeline_images", type=int, default=3,
+                   help="generated photos that test.py and the release's test.py each process (pipeline part)")
     p.add_argument("--trainsize", type=int, default=736, help="training size (the release's)")
     p.add_argument("--train_batch", type=int, default=2, help="training batch size")
     p.add_argument("--train_runs", type=int, default=1, help="timed training batches (median reported)")
@@ -62,6 +65,8 @@ def measure(args: argparse.Namespace) -> list[Row]:
         rows += inference_rows(args.size, args.batch, args.runs, device, args.compile)
     if "runtimes" in args.only:  # ONNX export under OpenVINO and onnxruntime: CPU rows
         rows += runtime_rows(args.size, args.runs)
+    if "pipeline" in args.only:  # whole test.py processes, ours (OpenVINO) and the release's: CPU rows
+        rows += pipeline_rows(args.size, args.pipeline_images, args.runs)
     if "train" in args.only:
         # train.py's --device as given: "auto"/"cuda" mean DataParallel over every visible GPU, as in training.
         rows += train_rows(args.trainsize, args.train_batch, args.train_runs, args.device, args.train_amp,

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from lib.encoders import FREQ_ENCODERS
+from lib import FREQ_ENCODER_NAMES
 from pipelines.cli import run_cli
 from utils.errors import EXIT_FAILED, EXIT_OK, FSANetError, RunError
 from utils.onnx_export import DEFAULT_OPSET
@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pth_path", required=True, help="checkpoint: the release's FSANet-100.pth, ours, or a state dict")
     p.add_argument("--testsize", type=int, default=992, help="square input size (multiple of 32; release: 992)")
     p.add_argument("--output", type=Path, default=Path("fsanet.onnx"), help="ONNX file to write")
-    p.add_argument("--freq_encoder", choices=tuple(FREQ_ENCODERS), default="resnet50",
+    p.add_argument("--freq_encoder", choices=FREQ_ENCODER_NAMES, default="resnet50",
                    help="frequency encoder the checkpoint was trained with (release: resnet50)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help="ONNX opset (default 17: OpenVINO reads DFT's axis wrongly at opset 20)")

@@ -11,7 +11,7 @@ import sys
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from lib.encoders import FREQ_ENCODERS
+from lib import FREQ_ENCODER_NAMES
 from pipelines.cli import run_cli
 from pipelines.inference import (
     InferenceError,
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="predict every image in DIR instead of DIS5K (no masks needed); "
                         "maps go to <save_root>/<stem>.png")
     p.add_argument("--save_root", default="results/FSANet", help="folder the maps are written to")
-    p.add_argument("--freq_encoder", choices=tuple(FREQ_ENCODERS), default="resnet50",
+    p.add_argument("--freq_encoder", choices=FREQ_ENCODER_NAMES, default="resnet50",
                    help="frequency encoder the checkpoint was trained with (release: resnet50)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--batch_size", "--batchsize", dest="batch_size", type=int, default=1,

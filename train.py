@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from lib.encoders import FREQ_ENCODERS
+from lib import FREQ_ENCODER_NAMES
 from pipelines.cli import run_cli
 from pipelines.training import TrainConfig, Trainer
 from utils.device import AMP_CHOICES
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights: initialise the weights only and start at epoch 1 (pretrained files not needed)")
 
     g = p.add_argument_group("model and pretrained encoders")
-    g.add_argument("--freq_encoder", choices=tuple(FREQ_ENCODERS), default=d.freq_encoder,
+    g.add_argument("--freq_encoder", choices=FREQ_ENCODER_NAMES, default=d.freq_encoder,
                    help="frequency-image encoder (release: resnet50)")
     g.add_argument("--drop_path_rate", type=float, default=d.drop_path_rate,
                    help="stochastic depth of the PVT-v2 encoder (release: 0.1)")

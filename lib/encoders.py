@@ -14,6 +14,7 @@ from timm.models.pvt_v2 import checkpoint_filter_fn as pvt_checkpoint_filter_fn
 from torch import nn
 from torchvision.models import resnet50
 
+from . import FREQ_ENCODER_NAMES
 from .checkpoint import CheckpointError, describe_mismatch, read_state_dict
 from .grad_checkpointing import checkpoint_stage
 
@@ -81,7 +82,7 @@ class Res2NetFrequencyEncoder(nn.Module):
         return features
 
 
-FREQ_ENCODERS = {"resnet50": ResNetFrequencyEncoder, "res2net50": Res2NetFrequencyEncoder}
+FREQ_ENCODERS = dict(zip(FREQ_ENCODER_NAMES, (ResNetFrequencyEncoder, Res2NetFrequencyEncoder), strict=True))
 
 
 def _pretrained_file(path: str | os.PathLike, what: str, url: str) -> dict[str, torch.Tensor]:

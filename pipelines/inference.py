@@ -22,9 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from lib import FSANet, load_checkpoint
 from lib.checkpoint import checkpoint_radius
-from lib.fast import optimize_for_inference
 from lib.frequency import MIN_KEPT_FRACTION, narrow_band_sizes, scaled_radius
 from utils.atomic import remove_stale_temps
 from utils.cutout import SAVE_MODES, write_output
@@ -32,6 +30,7 @@ from utils.data import image_tensor
 from utils.device import AMP_CHOICES, amp_dtype, autocast
 from utils.dis5k import expected_folders, split_folders
 from utils.errors import FSANetError, listing
+from utils.export_cache import ExportSpec, RuntimeUnavailable
 from utils.imageio import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -40,7 +39,7 @@ from utils.imageio import (
     list_images,
     read_rgb,
 )
-from utils.runtimes import ExportSpec, RuntimeUnavailable, choose_runtime, load_runner
+from utils.runtimes import choose_runtime, load_runner
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +189,10 @@ def dis5k_jobs(data_root: str | os.PathLike, datasets: Sequence[str], save_root:
 def load_model(pth_path: str | os.PathLike, freq_encoder: str, device: torch.device,
                amp: str = "none") -> nn.Module:
     """FSANet with the checkpoint's weights, on `device`, prepared for inference (for `amp` too)."""
+    # Imported here: the model pulls in timm and torchvision, which the exported runtimes never need.
+    from lib import FSANet, load_checkpoint
+    from lib.fast import optimize_for_inference
+
     model = FSANet(freq_encoder=freq_encoder)
     load_checkpoint(model, pth_path)
     return optimize_for_inference(model.to(device), autocast_dtype=amp_dtype(amp))

@@ -34,3 +34,14 @@ def test_no_source_module_is_over_the_size_of_one_idea():
     assert sources
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in sources}
     assert not {k: n for k, n in sizes.items() if n > MAX_LINES}
+
+
+def test_test_py_starts_without_the_model_libraries():
+    """test.py's OpenVINO path never builds the PyTorch model: importing it must not pull in timm or torchvision."""
+    import subprocess
+    import sys
+
+    probe = "import sys, test; print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

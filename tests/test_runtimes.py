@@ -20,7 +20,7 @@ from conftest import ROOT
 from PIL import Image
 
 from pipelines import inference
-from utils import cutout, onnx_export, runtimes
+from utils import cutout, export_cache, onnx_export, runtimes
 
 SIZE = 256  # infer_case's size: the one export serves the runner tests and the map comparison
 
@@ -54,7 +54,7 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def exported(release_ckpt: Path, cache_root: Path) -> Path:
     """The real ONNX export of the release checkpoint at SIZE, through the cache."""
-    return runtimes.ExportCache(cache_root).get(runtimes.ExportSpec(release_ckpt, SIZE))
+    return export_cache.ExportCache(cache_root).get(export_cache.ExportSpec(release_ckpt, SIZE))
 
 
 @pytest.fixture(scope="module")
@@ -106,23 +106,23 @@ def test_openvino_maps_equal_torch_maps_on_infer_case(reference_dir: Path, relea
 
 def test_cache_entry_is_reused_and_verified(exported: Path, release_ckpt: Path, cache_root: Path,
                                             tmp_path: Path) -> None:
-    spec = runtimes.ExportSpec(release_ckpt, SIZE)
+    spec = export_cache.ExportSpec(release_ckpt, SIZE)
     root = tmp_path / "cache"
     shutil.copytree(cache_root / "onnx", root / "onnx")
 
-    def must_not_export(spec: runtimes.ExportSpec, path: Path) -> float:
+    def must_not_export(spec: export_cache.ExportSpec, path: Path) -> float:
         raise AssertionError("a sound cache entry was exported again")
 
-    cache = runtimes.ExportCache(root, exporter=must_not_export)
+    cache = export_cache.ExportCache(root, exporter=must_not_export)
     assert cache.get(spec) == root / "onnx" / exported.name
     record = json.loads(exported.with_suffix(".json").read_text())
     assert record["testsize"] == SIZE and record["freq_encoder"] == "resnet50"
-    assert record["onnx_sha256"] == runtimes.file_sha256(exported)
+    assert record["onnx_sha256"] == export_cache.file_sha256(exported)
 
 
 def fake_exporter(calls: list[Path]):
     """An exporter that writes a small stand-in file and records where it was asked to write."""
-    def export(spec: runtimes.ExportSpec, path: Path) -> float:
+    def export(spec: export_cache.ExportSpec, path: Path) -> float:
         # Written under a temporary name and renamed when complete: a concurrent reader never sees it half-written.
         assert path.suffix == ".tmp"
         calls.append(path)
@@ -141,8 +141,8 @@ def small_ckpt(tmp_path: Path) -> Path:
 
 def test_cache_rebuilds_missing_corrupt_and_foreign_entries(small_ckpt: Path, tmp_path: Path) -> None:
     calls: list[Path] = []
-    cache = runtimes.ExportCache(tmp_path / "cache", exporter=fake_exporter(calls))
-    spec = runtimes.ExportSpec(small_ckpt, 64)
+    cache = export_cache.ExportCache(tmp_path / "cache", exporter=fake_exporter(calls))
+    spec = export_cache.ExportSpec(small_ckpt, 64)
     path = cache.get(spec)
     assert len(calls) == 1 and calls[0] != path and path.read_bytes().startswith(b"64 resnet50")
     assert cache.get(spec) == path and len(calls) == 1  # hit
@@ -167,41 +167,100 @@ def test_cache_rebuilds_missing_corrupt_and_foreign_entries(small_ckpt: Path, tm
 def test_cache_key_separates_size_architecture_weights_and_versions(small_ckpt: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
-    cache = runtimes.ExportCache(tmp_path / "cache", exporter=fake_exporter(calls))
-    base = cache.get(runtimes.ExportSpec(small_ckpt, 64))
-    other_size = cache.get(runtimes.ExportSpec(small_ckpt, 128))
-    other_arch = cache.get(runtimes.ExportSpec(small_ckpt, 64, "res2net50"))
+    cache = export_cache.ExportCache(tmp_path / "cache", exporter=fake_exporter(calls))
+    base = cache.get(export_cache.ExportSpec(small_ckpt, 64))
+    other_size = cache.get(export_cache.ExportSpec(small_ckpt, 128))
+    other_arch = cache.get(export_cache.ExportSpec(small_ckpt, 64, "res2net50"))
     assert len({base, other_size, other_arch}) == 3 and len(calls) == 3
     assert other_size.read_bytes().startswith(b"128 resnet50") and other_arch.read_bytes().startswith(b"64 res2net50")
     small_ckpt.write_bytes(b"weights v2")  # retrained weights, same file name
-    assert cache.get(runtimes.ExportSpec(small_ckpt, 64)) != base and len(calls) == 4
-    monkeypatch.setattr(runtimes, "package_version", lambda name: "99.0")
-    cache.get(runtimes.ExportSpec(small_ckpt, 64))
+    assert cache.get(export_cache.ExportSpec(small_ckpt, 64)) != base and len(calls) == 4
+    monkeypatch.setattr(export_cache, "package_version", lambda name: "99.0")
+    cache.get(export_cache.ExportSpec(small_ckpt, 64))
     assert len(calls) == 5
     # A record naming another size is never used for this one, even under this entry's file name.
-    fields = runtimes.cache_fields(runtimes.ExportSpec(small_ckpt, 64))
+    fields = export_cache.cache_fields(export_cache.ExportSpec(small_ckpt, 64))
     model_path, record_path = cache.paths(fields)
     record = json.loads(record_path.read_text())
     record_path.write_text(json.dumps(dict(record, testsize=128)))
-    assert "another checkpoint, size or version" in runtimes.ExportCache.check(fields, model_path, record_path)
+    assert "another checkpoint, size or version" in export_cache.ExportCache.check(fields, model_path, record_path)
+
+
+def test_checkpoint_digest_is_remembered_until_the_file_changes(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint, memo = tmp_path / "weights.pth", tmp_path / "cache" / "digests.json"
+    checkpoint.write_bytes(b"weights v1")
+    # Just written: the clock's coarse step could hide a rewrite, so the digest is not remembered yet.
+    assert export_cache.remembered_sha256(checkpoint, memo) == export_cache.file_sha256(checkpoint)
+    assert not memo.exists()
+    old = checkpoint.stat().st_mtime - 60
+    os.utime(checkpoint, (old, old))
+    first = export_cache.remembered_sha256(checkpoint, memo)
+    assert memo.is_file()
+    hashed: list[Path] = []
+    real_sha256 = export_cache.file_sha256
+    monkeypatch.setattr(export_cache, "file_sha256", lambda path: hashed.append(path) or real_sha256(path))
+    assert export_cache.remembered_sha256(checkpoint, memo) == first and hashed == []  # read from the memo
+    checkpoint.write_bytes(b"weights v2")  # retrained in place: same name and size, new time stamp
+    assert export_cache.remembered_sha256(checkpoint, memo) == real_sha256(checkpoint) != first
+    assert hashed == [checkpoint]
+    memo.write_text("{not json")  # a damaged memo costs a hash, nothing else
+    assert export_cache.remembered_sha256(checkpoint, memo) == real_sha256(checkpoint)
+
+
+def test_corrupt_entry_compiled_beside_its_check_is_exported_again(exported: Path, release_ckpt: Path,
+                                                                    cache_root: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "cache"
+    shutil.copytree(cache_root / "onnx", root / "onnx")
+    entry = root / "onnx" / exported.name
+    data = bytearray(entry.read_bytes())
+    data[-1000] ^= 0x40  # a weight, same size: the file still loads, only its checksum tells
+    entry.write_bytes(bytes(data))
+    exports: list[Path] = []
+
+    def re_export(spec: export_cache.ExportSpec, path: Path) -> float:
+        exports.append(path)
+        shutil.copyfile(exported, path)
+        return 0.0
+
+    monkeypatch.setattr(runtimes, "ExportCache", lambda root: export_cache.ExportCache(root, exporter=re_export))
+    runner = runtimes.load_runner("onnxruntime", export_cache.ExportSpec(release_ckpt, SIZE), None, root)
+    assert len(exports) == 1 and entry.read_bytes() == exported.read_bytes()
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    sound = runtimes.OnnxRuntimeRunner(exported, SIZE).predict(x)
+    assert torch.equal(runner.predict(x), sound)
+
+
+def test_runtime_fault_after_compiling_is_one_line_and_exit_1(exported: Path, cache_root: Path) -> None:
+    from utils.errors import EXIT_FAILED
+
+    wrong = torch.zeros(1, 3, SIZE // 2, SIZE // 2)  # not the compiled size: the runtime fails while running
+    for runner in (runtimes.OpenVINORunner(exported, SIZE, "f32", cache_root / "openvino"),
+                   runtimes.OnnxRuntimeRunner(exported, SIZE)):
+        with pytest.raises(runtimes.RuntimeFault) as fault:
+            runner.predict(wrong)
+        message = str(fault.value)
+        assert fault.value.exit_code == EXIT_FAILED and "\n" not in message
+        assert message.startswith(f"{runner.name} failed while running {exported}") and "--runtime torch" in message
 
 
 def test_cache_folder_default_and_unwritable_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert runtimes.default_cache_dir() == tmp_path / "xdg" / "fsanet"
-    assert runtimes.usable_cache_dir(None) == tmp_path / "xdg" / "fsanet"
+    assert export_cache.default_cache_dir() == tmp_path / "xdg" / "fsanet"
+    assert export_cache.usable_cache_dir(None) == tmp_path / "xdg" / "fsanet"
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with caplog.at_level(logging.WARNING):
-        fallback = runtimes.usable_cache_dir(blocker / "cache")
+        fallback = export_cache.usable_cache_dir(blocker / "cache")
     assert fallback.is_dir() and os.access(fallback, os.W_OK) and "not writable" in caplog.text
     shutil.rmtree(fallback)
 
 
 def test_explicit_runtime_refusals_and_auto_fallback(release_ckpt: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = runtimes.ExportSpec(release_ckpt, 64)
+    spec = export_cache.ExportSpec(release_ckpt, 64)
     with pytest.raises(runtimes.RuntimeUnavailable, match="--amp bf16 with --runtime onnxruntime"):
         runtimes.load_runner("onnxruntime", spec, "bf16", tmp_path)
     monkeypatch.setattr(runtimes.importlib.util, "find_spec", lambda name: None)

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
-from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from utils.atomic import atomic_path
@@ -284,7 +283,7 @@ class TrainDataset(Dataset):
             return _undecodable(e, self.on_bad)
         image, mask = normalize_rgb(pair[:3]), pair[3:]
         if self.hflip and torch.rand(()) < 0.5:
-            image, mask = TF.hflip(image), TF.hflip(mask)
+            image, mask = image.flip(-1), mask.flip(-1)  # the pixels torchvision hflip gives
         return image, mask
 
 

@@ -44,9 +44,9 @@ def load(path: Path) -> dict:
 
 def trainer(split: Path, tmp_path: Path, **options) -> Trainer:
     """A CPU Trainer without drop path (its random draws would differ between one batch and its halves)."""
-    cfg = TrainConfig(train_path=str(split), save_root=str(tmp_path), trainsize=64, rates=(1.0, 1.25),
-                      no_pretrained=True, num_workers=0, device="cpu", seed=SEED, epoch=2, drop_path_rate=0.0,
-                      **options)
+    options = {"rates": (1.0, 1.25), **options}
+    cfg = TrainConfig(train_path=str(split), save_root=str(tmp_path), trainsize=64, no_pretrained=True,
+                      num_workers=0, device="cpu", seed=SEED, epoch=2, drop_path_rate=0.0, **options)
     t = Trainer(cfg)
     t.close_writer()
     # BatchNorm on running statistics: the one documented difference of accumulation taken out.
@@ -177,3 +177,33 @@ def test_out_of_memory_is_one_line_and_keeps_the_last_checkpoint(four_pairs, tmp
     for part in ("--batchsize 4", "--batchsize 2 --accum_steps 2", "--grad_checkpointing", "last.pth is kept"):
         assert part in errors[0], part
     assert load(tmp_path / "oom" / "last.pth")["epoch"] == 1
+
+
+def test_ddp_accumulation_all_reduces_once_per_optimiser_step(four_pairs, tmp_path):
+    """Under DDP the micro-batches before the last keep their gradients local (no_sync): N accumulated
+    loader batches cost the all-reduces of one batch, not N times as many."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        t = trainer(four_pairs, tmp_path, batchsize=2, accum_steps=2, rates=(1.0,))
+        t.net = nn.parallel.DistributedDataParallel(t.model)
+        reduced: list[int] = []
+
+        def counting_allreduce(state, bucket):
+            reduced.append(bucket.buffer().numel())
+            return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+        t.net.register_comm_hook(None, counting_allreduce)
+        t.sampler.set_epoch(1)
+        images, gts, _ = next(iter(t.loader))
+        t.train_batches([(images[:1], gts[:1]), (images[1:], gts[1:])], epoch=1)  # DDP settles its buckets
+        reduced.clear()
+        t.train_batches([(images, gts)], epoch=1)
+        one_batch = list(reduced)
+        reduced.clear()
+        t.train_batches([(images[:1], gts[:1]), (images[1:], gts[1:])], epoch=1)
+        assert one_batch and reduced == one_batch  # every gradient element all-reduced exactly once
+        assert sum(one_batch) == sum(p.numel() for p in t.model.parameters() if p.requires_grad)
+    finally:
+        dist.destroy_process_group()

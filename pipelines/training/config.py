@@ -9,6 +9,7 @@ from typing import Any
 
 from lib.frequency import narrow_band_sizes, scaled_radius
 from utils.device import AMP_CHOICES
+from utils.distributed import smallest_replica_batch
 from utils.errors import FSANetError, RunError
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,19 @@ class NonFiniteLossError(RunError):
 
 class OutOfMemoryError(RunError):
     """The GPU ran out of memory; the message names the batch size and the options that lower the peak."""
+
+
+def out_of_memory_error(cfg: TrainConfig, device: object, replicas: int, last: Path) -> OutOfMemoryError:
+    """The one-line out-of-memory error: the batch that did not fit, the two options, the kept checkpoint."""
+    kept = f"the last checkpoint {last} is kept" if last.exists() else "no checkpoint was saved yet"
+    per_gpu = f" ({-(-cfg.batchsize // replicas)} per GPU)" if replicas > 1 else ""
+    half = cfg.batchsize // 2
+    smaller = (f"--batchsize {half} --accum_steps {2 * cfg.accum_steps} (the same effective batch) and/or "
+               if smallest_replica_batch(half, replicas) >= 2 else "")
+    largest = max(scaled_size(cfg.trainsize, r) for r in cfg.rates)
+    return OutOfMemoryError(
+        f"out of GPU memory on {device} at --batchsize {cfg.batchsize}{per_gpu}, --trainsize {cfg.trainsize} "
+        f"(largest scale {largest}); lower the peak with {smaller}--grad_checkpointing; {kept}")
 
 
 @dataclass

@@ -16,6 +16,7 @@ RNGs are seeded per epoch, not per batch).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -35,12 +36,12 @@ from lib.fast import to_channels_last
 from pipelines.training.checkpointing import RunState, resume, save_checkpoint, training_checkpoint
 from pipelines.training.config import (
     NonFiniteLossError,
-    OutOfMemoryError,
     TrainConfig,
     TrainingError,
     check_config,
     check_pretrained,
     highpass_warning,
+    out_of_memory_error,
     scaled_size,
 )
 from pipelines.training.reproducibility import (
@@ -232,24 +233,10 @@ class Trainer:
                     break
             self.check_replicas()
         except torch.OutOfMemoryError:
-            raise self._out_of_memory() from None
+            raise out_of_memory_error(cfg, self.device, self.replicas, self.save_dir / "last.pth") from None
         finally:
             self.close_writer()
         return self.state
-
-    def _out_of_memory(self) -> OutOfMemoryError:
-        """The one-line out-of-memory error: the batch that did not fit, the two options, the kept checkpoint."""
-        cfg = self.cfg
-        last = self.save_dir / "last.pth"
-        kept = f"the last checkpoint {last} is kept" if last.exists() else "no checkpoint was saved yet"
-        per_gpu = f" ({-(-cfg.batchsize // self.replicas)} per GPU)" if self.replicas > 1 else ""
-        half = cfg.batchsize // 2
-        smaller = (f"--batchsize {half} --accum_steps {2 * cfg.accum_steps} (the same effective batch) and/or "
-                   if smallest_replica_batch(half, self.replicas) >= 2 else "")
-        return OutOfMemoryError(
-            f"out of GPU memory on {self.device} at --batchsize {cfg.batchsize}{per_gpu}, --trainsize "
-            f"{cfg.trainsize} (largest scale {max(scaled_size(cfg.trainsize, r) for r in cfg.rates)}); lower the "
-            f"peak with {smaller}--grad_checkpointing; {kept}")
 
     def close_writer(self) -> None:
         """Flush and close the TensorBoard writer (rank 0)."""
@@ -338,8 +325,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = sum(images.shape[0] for images, _ in batches)
         report = torch.zeros(len(LOSS_NAMES))
-        for images, gts in batches:
-            report += self._forward_backward(images, gts, images.shape[0] / total, epoch, size)
+        for i, (images, gts) in enumerate(batches):
+            with self._gradient_sync(last=i == len(batches) - 1):
+                report += self._forward_backward(images, gts, images.shape[0] / total, epoch, size)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         clip_gradient(self.optimizer, self.cfg.clip)
@@ -347,6 +335,12 @@ class Trainer:
         self.scaler.update()
         self.state.step += 1
         return report
+
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP all-reduces once per optimiser step: gradients of the micro-batches before the last stay local."""
+        if not last and isinstance(self.net, nn.parallel.DistributedDataParallel):
+            return self.net.no_sync()
+        return contextlib.nullcontext()
 
     def _forward_backward(self, images: torch.Tensor, gts: torch.Tensor, share: float, epoch: int,
                           size: int) -> torch.Tensor:

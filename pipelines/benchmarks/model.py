@@ -22,10 +22,10 @@ from utils.device import AMP_DTYPES
 TRAIN_VARIANTS = ("plain", "accum", "checkpointing", "accum+checkpointing")
 
 
-def count_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """Multiply-accumulates of one forward pass (convolutions and matrix products), in G."""
+def count_macs(forward: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
+    """Multiply-accumulates (convolutions, matrix products) of one call of `forward` (a model or its predict), in G."""
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(x)
+        forward(x)
     return counter.get_total_flops() / 2 / 1e9
 
 

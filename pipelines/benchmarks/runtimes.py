@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from lib import FSANet
 from lib.fast import use_release_compute
-from pipelines.benchmarks.model import _prepared
+from pipelines.benchmarks.model import _prepared, count_macs
 from pipelines.benchmarks.timing import Row, device_name, ratio, time_interleaved
 from utils.onnx_export import export_onnx
 from utils.runtimes import OnnxRuntimeRunner, OpenVINORunner
@@ -48,8 +50,36 @@ def runtime_rows(size: int, runs: int, seed: int = 0) -> list[Row]:
         rows.append(Row(f"forward {size}x{size}, batch 1, runtime {runtime}", f"{timings[key].median:.3f} s", name,
                         dtype, note, {"seconds": timings[key].median, "ratio": ratio(timings, key, "release"),
                                       "max_logit_diff": diff}))
+    rows.append(_floor_row(size, fast, timings["release"].median, name))
     rows.append(Row(f"ONNX export at {size}x{size}, OpenVINO compile", f"{export_s:.1f} s", name, "fp32",
                     f"OpenVINO compile {cold:.2f} s cold, "
                     f"{runners['openvino fp32'].compile_seconds:.2f} s from its cache",
                     {"export_seconds": export_s, "compile_cold_seconds": cold}))
     return rows
+
+
+def matmul_gflops(n: int = 4096, runs: int = 5) -> float:
+    """This CPU's best fp32 matrix-multiply rate (GFLOP/s) on two n x n matrices, a rate few layers reach."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    seconds = min(time_call_seconds(lambda: a @ b) for _ in range(runs))
+    return 2 * n**3 / seconds / 1e9
+
+
+def time_call_seconds(call: Callable[[], object]) -> float:
+    """Wall seconds of one call."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def _floor_row(size: int, fast: torch.nn.Module, release_seconds: float, name: str) -> Row:
+    """The P1 forward's FLOPs at this CPU's best fp32 matmul rate: about as fast as any fp32 runtime can run it."""
+    gflop = 2 * count_macs(fast.predict, torch.randn(1, 3, size, size))
+    peak = matmul_gflops()
+    floor = gflop / peak
+    note = (f"{gflop:.0f} GFLOP at {peak:.0f} GFLOP/s (best 4096x4096 torch matmul): "
+            f"{floor / release_seconds:.2f}x the release, about the floor of any fp32 runtime here")
+    return Row(f"forward {size}x{size} P1 at the fp32 matmul rate", f"{floor:.2f} s", name, "fp32", note,
+               {"gflop": gflop, "peak_gflops": peak, "floor_seconds": floor})

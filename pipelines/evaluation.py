@@ -29,6 +29,7 @@ from tqdm import tqdm
 from pipelines import eval_reports as reports
 from utils.dis5k import EVAL_SPLITS, TE_MEAN_ROW, TE_SUBSETS, expected_folders, split_folders
 from utils.errors import FSANetError, RunError, listing
+from utils.export_cache import default_cache_dir as fsanet_cache_dir
 from utils.gt_cache import cached_boundary_ground, cached_skeleton, cached_wf_ground
 from utils.imageio import ImageReadError, list_images, max_pixels, read_mask, set_max_pixels
 from utils.metrics import (
@@ -114,9 +115,8 @@ class EvalConfig:
 
 
 def default_cache_dir() -> Path:
-    """The per-user eval cache folder (GT skeletons and more): $XDG_CACHE_HOME (or ~/.cache)/fsanet/hce_skeletons."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fsanet" / "hce_skeletons"
+    """The per-user eval cache folder (GT caches and results): `eval/` in fsanet's cache ($XDG_CACHE_HOME/fsanet)."""
+    return fsanet_cache_dir() / "eval"
 
 
 def default_workers() -> int:

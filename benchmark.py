@@ -1,4 +1,5 @@
-"""Measure FSANet's cost: parameters, MACs, inference latency and memory, training, data loading, eval.
+"""Measure FSANet's cost: parameters, MACs, inference latency and memory, runtimes, whole test.py runs, training,
+data loading, eval.
 
     python benchmark.py                      # everything, at the release's sizes, on the GPU if present
     python benchmark.py --only inference --size 512 --runs 3

@@ -199,6 +199,15 @@ def test_stale_temps_removed_and_empty_maps_redone(ckpt: Path, tmp_path: Path, c
     assert "removed 1 temporary file" in caplog.text
 
 
+def interruptible() -> None:
+    """Child set-up: Ctrl-C raises KeyboardInterrupt even when this run was started in the background.
+
+    A shell without job control starts background jobs with SIGINT ignored, children inherit that,
+    and Python then never installs its KeyboardInterrupt handler.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_test_py_reports_maps_written(ckpt: Path, tmp_path: Path) -> None:
     photos, out = tmp_path / "photos", tmp_path / "maps"
     photos.mkdir()
@@ -206,7 +215,8 @@ def test_ctrl_c_in_test_py_reports_maps_written(ckpt: Path, tmp_path: Path) -> N
         Image.fromarray(np.full((48, 40, 3), i, np.uint8)).save(photos / f"p{i:03d}.png")
     proc = subprocess.Popen([sys.executable, str(ROOT / "test.py"), "--pth_path", str(ckpt), "--input", str(photos),
                              "--save_root", str(out), "--testsize", "32", "--device", "cpu"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     deadline = time.monotonic() + 300
     while not list(out.glob("p*.png")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -387,7 +397,8 @@ def test_ctrl_c_in_train_py_is_one_line(tiny_split: Path, tmp_path: Path) -> Non
     """A real SIGINT once training has started (DataLoader workers running): one line, exit 130."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
                              *train_args(tiny_split, tmp_path, "--epoch", "50", "--num_workers", "2")],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     seen = []
     for line in proc.stderr:  # log lines end in newlines; wait for the loop to start
         seen.append(line)

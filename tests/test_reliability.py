@@ -213,8 +213,9 @@ def test_ctrl_c_in_test_py_reports_maps_written(ckpt: Path, tmp_path: Path) -> N
     photos.mkdir()
     for i in range(200):
         Image.fromarray(np.full((48, 40, 3), i, np.uint8)).save(photos / f"p{i:03d}.png")
+    # The bomb test's size and checkpoint: the default runtime reuses its ONNX export from the session's cache.
     proc = subprocess.Popen([sys.executable, str(ROOT / "test.py"), "--pth_path", str(ckpt), "--input", str(photos),
-                             "--save_root", str(out), "--testsize", "32", "--device", "cpu"],
+                             "--save_root", str(out), "--testsize", SMALL, "--device", "cpu"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=interruptible)
     deadline = time.monotonic() + 300

@@ -33,7 +33,39 @@ def choose_runtime(requested: str, device: torch.device) -> str:
     return requested
 
 
-class OpenVINORunner:
+class ExportedRunner:
+    """What the OpenVINO and onnxruntime runners share: eval(), and predict() over batch-sized chunks.
+
+    A subclass sets `name`, `source` (the ONNX file), `batch` (the export's static batch, or None),
+    `faults` (the exception types its runtime raises while running) and `_run(array) -> logits array`.
+    """
+
+    name = "exported"
+    faults: tuple[type[BaseException], ...] = (RuntimeError,)
+    source: Path
+    batch: int | None
+
+    def eval(self) -> ExportedRunner:
+        """No-op (the pipeline calls it on PyTorch models)."""
+        return self
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        """P1 logits of one chunk (a float32 array of at most `batch` images) as a new array."""
+        raise NotImplementedError
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 3 x S x S float32 -> B x 1 x S x S P1 logits; a failure while running is a RuntimeFault (exit 1)."""
+        chunks = images.split(self.batch) if self.batch else (images,)
+        out = []
+        for chunk in chunks:
+            try:
+                out.append(self._run(np.ascontiguousarray(chunk.detach().float().cpu().numpy())))
+            except self.faults as e:
+                raise RuntimeFault(self.name, self.source, e) from None
+        return torch.from_numpy(np.concatenate(out))
+
+
+class OpenVINORunner(ExportedRunner):
     """An ONNX export compiled by OpenVINO for the CPU; `predict` returns P1 logits as a torch tensor."""
 
     name = "openvino"
@@ -59,28 +91,18 @@ class OpenVINORunner:
         self.request = self.compiled.create_infer_request()
         self.source = onnx_path
 
-    def eval(self) -> OpenVINORunner:
-        """No-op (the pipeline calls it on PyTorch models)."""
-        return self
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """B x 3 x S x S float32 -> B x 1 x S x S P1 logits (one image per request for a batch-1 export)."""
-        chunks = images.split(self.batch) if self.batch else (images,)
-        out = []
-        for chunk in chunks:
-            try:
-                result = self.request.infer({0: np.ascontiguousarray(chunk.detach().float().cpu().numpy())})
-            except RuntimeError as e:
-                raise RuntimeFault(self.name, self.source, e) from None
-            # The request reuses its output buffer on the next call: copy.
-            out.append(torch.from_numpy(np.array(result[0], dtype=np.float32, copy=True)))
-        return torch.cat(out)
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        """One infer request (one image per request for a batch-1 export)."""
+        result = self.request.infer({0: images})
+        # The request reuses its output buffer on the next call: copy.
+        return np.array(result[0], dtype=np.float32, copy=True)
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(ExportedRunner):
     """An ONNX export under onnxruntime's CPU provider; `predict` returns P1 logits as a torch tensor."""
 
     name = "onnxruntime"
+    faults = (Exception,)  # onnxruntime raises its own exception types per failure
 
     def __init__(self, onnx_path: Path, testsize: int, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
         """Load `onnx_path` into an inference session (fp32) on `providers`."""
@@ -100,21 +122,9 @@ class OnnxRuntimeRunner:
         self.input_name = self.session.get_inputs()[0].name
         self.source = onnx_path
 
-    def eval(self) -> OnnxRuntimeRunner:
-        """No-op (the pipeline calls it on PyTorch models)."""
-        return self
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """B x 3 x S x S float32 -> B x 1 x S x S P1 logits."""
-        chunks = images.split(self.batch) if self.batch else (images,)
-        out = []
-        for chunk in chunks:
-            try:
-                inputs = {self.input_name: np.ascontiguousarray(chunk.detach().float().cpu().numpy())}
-                out.append(self.session.run(None, inputs)[0])
-            except Exception as e:  # onnxruntime raises its own exception types per failure
-                raise RuntimeFault(self.name, self.source, e) from None
-        return torch.from_numpy(np.concatenate(out))
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        """One session run."""
+        return self.session.run(None, {self.input_name: images})[0]
 
 
 class RuntimeFault(RunError):
@@ -146,7 +156,7 @@ def _require(package: str, runtime: str) -> None:
 
 
 def load_runner(runtime: str, spec: ExportSpec, amp: str | None = None,
-                cache_dir: str | os.PathLike | None = None) -> OpenVINORunner | OnnxRuntimeRunner:
+                cache_dir: str | os.PathLike | None = None) -> ExportedRunner:
     """The cached export of `spec`, compiled for `runtime` ("openvino" or "onnxruntime")."""
     if runtime not in ("openvino", "onnxruntime"):
         raise ValueError(f"no exported runner for runtime {runtime!r}")
@@ -173,7 +183,7 @@ def load_runner(runtime: str, spec: ExportSpec, amp: str | None = None,
 
 
 def _compile(runtime: str, model_path: Path, testsize: int, amp: str | None,
-             root: Path) -> OpenVINORunner | OnnxRuntimeRunner:
+             root: Path) -> ExportedRunner:
     """The ONNX file at `model_path` loaded into `runtime` (OpenVINO's compile cache under `root`)."""
     if runtime == "openvino":
         return OpenVINORunner(model_path, testsize, OPENVINO_PRECISION[amp], root / "openvino")

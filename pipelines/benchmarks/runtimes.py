@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -61,17 +59,8 @@ def runtime_rows(size: int, runs: int, seed: int = 0) -> list[Row]:
 def matmul_gflops(n: int = 4096, runs: int = 5) -> float:
     """This CPU's best fp32 matrix-multiply rate (GFLOP/s) on two n x n matrices, a rate few layers reach."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    seconds = min(time_call_seconds(lambda: a @ b) for _ in range(runs))
+    seconds = min(time_interleaved({"matmul": lambda: a @ b}, torch.device("cpu"), runs, warmup=2)["matmul"].seconds)
     return 2 * n**3 / seconds / 1e9
-
-
-def time_call_seconds(call: Callable[[], object]) -> float:
-    """Wall seconds of one call."""
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
 
 
 def _floor_row(size: int, fast: torch.nn.Module, release_seconds: float, name: str) -> Row:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from skimage.morphology import binary_opening, skeletonize
+from skimage.morphology import opening, skeletonize
 
 from utils.data import pair_samples
 from utils.imageio import image_size, read_mask
@@ -71,7 +71,7 @@ def test_masks_are_anti_aliased_with_thin_structure(default_set: Path) -> None:
     for split in ("DIS-TE1", "DIS-TE4"):
         for mask in _masks(default_set, split):
             solid = mask > 127
-            thin_fractions.append(1 - binary_opening(solid, np.ones((4, 4), bool)).sum() / solid.sum())
+            thin_fractions.append(1 - opening(solid, np.ones((4, 4), bool)).sum() / solid.sum())
     assert np.median(thin_fractions) > 0.3
 
 

@@ -1,8 +1,12 @@
 # `make test`, `make demo` and `make gpu-check` work on a fresh machine: they create .venv and install requirements.txt.
+# `make gpu-check PY=python3` (any interpreter that already has the requirements, e.g. a GPU image's or a
+# cluster's environment) uses that Python as it is: no .venv, no install, no network.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The .venv is built only when the targets run its Python.
+NEEDS_VENV := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 
 .PHONY: test lint demo gpu-check venv clean
 
@@ -13,17 +17,17 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check .
+lint: $(NEEDS_VENV)
+	$(PY) -m ruff check .
 
 test: lint
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP)
+demo: $(NEEDS_VENV)
 	$(PY) demo.py
 
 # Every CUDA path (pytest -m cuda, GPU benchmark rows) in under 8 minutes; without a GPU it says so and exits 0.
-gpu-check: $(STAMP)
+gpu-check: $(NEEDS_VENV)
 	$(PY) gpu_check.py
 
 clean:

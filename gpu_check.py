@@ -3,7 +3,8 @@
     python gpu_check.py                       # tests, benchmarks, summary in checkpoints/gpu_check/
     python gpu_check.py --budget_s 300 --out /tmp/gpu_check
 
-Exit status 0 when every check passed (or no GPU was found), 1 when one failed or ran out of time.
+Exit status 0 when every check passed (or no GPU was found), 1 when one failed or ran out of time,
+2 when a package the checks import or the reference fixtures ($FSANET_REFERENCE) are missing.
 """
 from __future__ import annotations
 

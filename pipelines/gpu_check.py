@@ -1,19 +1,22 @@
 """`make gpu-check`: every CUDA path of the project in one prepared command, at most 8 minutes on one GPU.
 
-Without CUDA it says so and runs nothing. With CUDA it runs, each stage as a child process under a
-share of one time budget (a stage that runs out is reported, never waited for):
+Without CUDA it says so and runs nothing. With CUDA it first checks that this Python imports what the
+stages need and that the reference fixtures are there (else one line, exit 2), then runs each stage as
+a child process under a share of one time budget (a stage that runs out is reported, never waited for):
 1. benchmark.py's training rows: images/s and peak memory per GPU at the release's recipe per GPU
    (batch 4, 736, rates 0.75/1/1.25), with --accum_steps 2, with --grad_checkpointing and with both;
-2. `pytest -m cuda` (tests/test_cuda.py and the GPU tests of tests/test_multi_gpu.py), whose figures
-   (differences, scales) the tests write to a file;
+2. `pytest -m cuda` on tests/test_cuda.py and tests/test_multi_gpu.py, whose figures (differences,
+   scales) the tests write to a file;
 3. benchmark.py's inference rows: latency at 1024 and 992, batch 1, fp32/bf16/fp16, throughput at
-   batch 8; and the release's DataParallel training setting when two GPUs are visible.
+   batch 8; and the release's DataParallel training setting when two GPUs are visible;
+4. the cuda test of `--compile` training, the slowest (compiling), in a pytest run of its own.
 The order is one of importance: what a short budget cuts off matters least.
 It prints one summary naming the GPU, writes it with every log under --out, and exits 0 when every
 check passed, 1 otherwise.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -27,13 +30,21 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import EXIT_FAILED, EXIT_OK
+from utils.errors import EXIT_FAILED, EXIT_OK, FSANetError
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES_ENV = "FSANET_GPU_FIGURES"
 RTX_3090_GIB = 24.0  # the release's cards; the allocator and CUDA context need some of it
+REFERENCE_ENV = "FSANET_REFERENCE"
+# What the stages import (train.py, test.py, benchmark.py, collecting tests/), by module, with its pip name.
+# Export and OpenVINO are left out: no stage needs them, and a GPU image often lacks them.
+STAGE_MODULES = {"torchvision": "torchvision", "timm": "timm", "numpy": "numpy", "PIL": "pillow",
+                 "cv2": "opencv-python-headless", "py_sod_metrics": "pysodmetrics", "skimage": "scikit-image",
+                 "tqdm": "tqdm", "tensorboard": "tensorboard", "pytest": "pytest"}
+CUDA_TEST_FILES = ("tests/test_cuda.py", "tests/test_multi_gpu.py")
+COMPILED_TEST = "tests/test_cuda.py::test_compiled_cuda_run"
 PYTEST_LINE = re.compile(r"^(tests/\S+::\S+)\s+(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b(.*)$")
 
 
@@ -74,6 +85,32 @@ def no_gpu_message() -> str | None:
         return None
     return (f"gpu-check: no CUDA GPU found (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
             "nothing was run")
+
+
+def reference_fixtures() -> Path:
+    """The fixtures computed with the authors' code: $FSANET_REFERENCE, else ../shared/reference beside the repo."""
+    return Path(os.environ.get(REFERENCE_ENV, ROOT.parent / "shared" / "reference"))
+
+
+def missing_packages(modules: dict[str, str]) -> list[str]:
+    """The pip names of the modules (import name -> pip name) this Python cannot import."""
+    return [pip for module, pip in modules.items() if importlib.util.find_spec(module) is None]
+
+
+def check_ready() -> None:
+    """Refuse (exit 2) before any stage when a stage's package or the reference fixtures are missing.
+
+    Without this a machine lacking one package spends minutes on stages that all fail on their first import.
+    """
+    missing = missing_packages(STAGE_MODULES)
+    if missing:
+        raise FSANetError(f"gpu-check: {sys.executable} cannot import {', '.join(missing)}; install them "
+                          f"(pip install -r requirements.txt), or on a machine without network copy their wheels "
+                          f"there and pip install --no-index the files")
+    fixtures = reference_fixtures()
+    if not (fixtures / "official_forward_seed0_256x256.npz").is_file():
+        raise FSANetError(f"gpu-check: the reference fixtures are not in {fixtures}; set {REFERENCE_ENV} to the "
+                          f"folder that holds official_forward_seed0_256x256.npz (the project's shared/reference)")
 
 
 def gpu_description() -> list[str]:
@@ -142,10 +179,13 @@ def benchmark_stages(out: Path, compile_model: bool) -> list[Stage]:
     return stages
 
 
-def pytest_stage() -> Stage:
-    """`pytest -m cuda`, verbose so that every finished test is in the log even if the stage is cut off."""
-    return Stage("pytest_cuda", [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider",
-                                 "tests"], 300)
+def pytest_stages() -> list[Stage]:
+    """`pytest -m cuda` on the files that hold cuda tests (collecting the others would only add imports that can
+    fail), verbose so that every finished test is in the log even if the stage is cut off; the compiled run,
+    the slowest and least telling test, in a stage of its own that runs last."""
+    pytest = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider"]
+    return [Stage("pytest_cuda", [*pytest, *CUDA_TEST_FILES, "--deselect", COMPILED_TEST], 300),
+            Stage("pytest_cuda_compile", [*pytest, COMPILED_TEST], 150)]
 
 
 def pytest_results(output: str) -> tuple[list[tuple[str, str, str]], int | None]:
@@ -201,25 +241,30 @@ def summary(stages: list[Stage], figures: dict[str, list[str]], gpu: str, gpu_li
              "| check | result | figures | seconds |", "|---|---|---|--:|"]
     bench_rows: list[dict] = []
     for stage in stages:
-        if stage.name == "pytest_cuda":
+        if stage.name.startswith("pytest"):
             results, selected = pytest_results(stage.output)
             for test, outcome, detail in results:
                 shown = "; ".join(figures.get(test, [])) or detail
                 lines.append(f"| {test.split('::', 1)[1]} | {outcome} | {shown} | |")
             if selected is not None and len(results) < selected:
                 lines.append(f"| {selected - len(results)} more cuda test(s) | NOT RUN (time budget) | | |")
-            state = "TIMED OUT" if stage.timed_out else ("passed" if stage.ok else f"FAILED (rc {stage.rc})")
-            lines.append(f"| pytest -m cuda | {state} | log {stage.log_path} | {stage.seconds:.0f} |")
+            lines.append(f"| {stage.name} | {stage_state(stage)} | log {stage.log_path} | {stage.seconds:.0f} |")
         else:
             rows = read_bench_rows(stage)
             bench_rows += rows
-            state = "TIMED OUT" if stage.timed_out else ("passed" if stage.ok else f"FAILED (rc {stage.rc})")
-            lines.append(f"| benchmark {stage.name} | {state} | {len(rows)} rows; log {stage.log_path} "
+            lines.append(f"| benchmark {stage.name} | {stage_state(stage)} | {len(rows)} rows; log {stage.log_path} "
                          f"| {stage.seconds:.0f} |")
     lines += ["", "## benchmark rows", "", "| measurement | value | device | dtype | notes |", "|---|---|---|---|---|"]
     lines += [f"| {r['what']} | {r['value']} | {r['device']} | {r['dtype']} | {r['note']} |" for r in bench_rows]
     lines += ["", "## GPU memory (for the README)", "", *memory_table(bench_rows, gpu)]
     return lines
+
+
+def stage_state(stage: Stage) -> str:
+    """How a stage ended, as the summary shows it."""
+    if stage.timed_out:
+        return "TIMED OUT" if stage.seconds else "NOT RUN (time budget)"
+    return "passed" if stage.ok else f"FAILED (rc {stage.rc})"
 
 
 def all_passed(stages: list[Stage]) -> bool:
@@ -228,27 +273,35 @@ def all_passed(stages: list[Stage]) -> bool:
 
 
 def run_gpu_check(out: Path, budget_s: float = 460.0, compile_model: bool = False) -> int:
-    """The whole check; returns the exit status (0 all passed, 1 otherwise; 0 with no GPU, nothing run)."""
+    """The whole check; returns the exit status (0 all passed, 1 otherwise; 0 with no GPU, nothing run).
+
+    Raises FSANetError (exit 2) before any stage when a package or the reference fixtures are missing.
+    """
     message = no_gpu_message()
     if message is not None:
         print(message)
         return EXIT_OK
+    check_ready()
     budget = Budget(budget_s)
     out.mkdir(parents=True, exist_ok=True)
     figures_path = out / "figures.jsonl"
     figures_path.unlink(missing_ok=True)
-    env = {**os.environ, FIGURES_ENV: str(figures_path), "PYTHONPATH": str(ROOT),
+    # ROOT first; a PYTHONPATH that provides packages (wheels unpacked on a machine without network) is kept.
+    env = {**os.environ, FIGURES_ENV: str(figures_path),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           REFERENCE_ENV: str(reference_fixtures().resolve()),
            # cuBLAS needs this before its first call for deterministic matrix products (the resume test).
            "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")}
     gpu_lines = gpu_description()
     print("\n".join(["gpu-check:", *gpu_lines]), flush=True)
     stages = []
     train_memory, *latency = benchmark_stages(out, compile_model)
-    # Memory first (the README's table), then correctness, then latency: what runs out of time matters least.
-    for stage in [train_memory, pytest_stage(), *latency]:
+    tests, compiled = pytest_stages()
+    # Memory first (the README's table), then correctness, then latency, then compiling: what runs out of
+    # time matters least.
+    for stage in [train_memory, tests, *latency, compiled]:
         stages.append(run_stage(stage, budget, out, env))
-        print(f"gpu-check: {stage.name}: {'ok' if stage.ok else 'TIMED OUT' if stage.timed_out else 'FAILED'} "
-              f"in {stage.seconds:.0f} s", flush=True)
+        print(f"gpu-check: {stage.name}: {stage_state(stage)} in {stage.seconds:.0f} s", flush=True)
     report = summary(stages, read_figures(figures_path), torch.cuda.get_device_name(0), gpu_lines, budget)
     (out / "summary.md").write_text("\n".join(report) + "\n")
     print("\n".join(report))

@@ -357,10 +357,14 @@ def predict_jobs(model: nn.Module, jobs: Sequence[Job], options: InferenceOption
     """Run every job with one model; the summary (`total`, updated live when given) covers all of them."""
     check_options(options)
     model.eval()
-    if options.device.type == "cuda":
-        # Every batch has the same testsize x testsize shape, so cuDNN's autotuning pays off.
-        torch.backends.cudnn.benchmark = True
     total = InferenceSummary() if total is None else total
-    for job in jobs:
-        predict_job(model, job, options, total)
+    saved = torch.backends.cudnn.benchmark
+    # Every batch has the same testsize x testsize shape, so cuDNN's autotuning pays off; restored afterwards
+    # because the flag is global and an in-process caller (a training run, a test) may rely on its own setting.
+    torch.backends.cudnn.benchmark = saved or options.device.type == "cuda"
+    try:
+        for job in jobs:
+            predict_job(model, job, options, total)
+    finally:
+        torch.backends.cudnn.benchmark = saved
     return total

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, child_env
 from PIL import Image
 from torch import nn
 
@@ -143,7 +143,8 @@ def read_maps(folder: Path) -> dict[str, np.ndarray]:
 def test_test_py_maps_on_gpu_match_the_cpu(release_ckpt, reference_dir, tmp_path, figure):
     images = reference_dir / "infer_case" / "im"
     common = ("--pth_path", release_ckpt, "--input", images, "--testsize", "256")
-    assert run_test_py(*common, "--device", "cpu", "--save_root", tmp_path / "cpu") == 0
+    # PyTorch on both sides (the CPU's default would be OpenVINO): the maps differ by the GPU's arithmetic alone.
+    assert run_test_py(*common, "--device", "cpu", "--runtime", "torch", "--save_root", tmp_path / "cpu") == 0
     cpu = read_maps(tmp_path / "cpu")
     assert cpu
     for amp in ("none", "fp16", "bf16"):
@@ -160,6 +161,7 @@ def test_test_py_maps_on_gpu_match_the_cpu(release_ckpt, reference_dir, tmp_path
             bound_mean, bound_max = AMP_MAP_BOUNDS[amp]
             assert mean <= bound_mean and worst <= bound_max
             assert worst > 0  # identical maps would mean autocast never ran
+    assert not torch.backends.cudnn.benchmark  # test.py's autotuning did not leak into this process's tests
 
 
 def test_data_parallel_over_every_visible_gpu_equals_one_gpu(release_ckpt, figure):
@@ -266,7 +268,9 @@ def test_resume_on_gpu_equals_an_uninterrupted_run(pairs, gpu_run, tmp_path, fig
     if rerun == 0:  # the GPU computed deterministically: resuming must be exact
         assert resume == 0
     else:  # some kernel without a deterministic version: resuming adds no more than a rerun differs
-        assert resume <= 4 * rerun
+        # The floor, far below one AdaXW step (about lr = 2e-4 a weight), keeps two round-off-sized
+        # differences from failing on their ratio; a resume that lost any state differs by whole steps.
+        assert resume <= max(4 * rerun, 1e-6)
 
 
 def test_gpu_checkpoint_loads_on_a_cpu_only_process(pairs, gpu_run, tmp_path):
@@ -274,10 +278,11 @@ def test_gpu_checkpoint_loads_on_a_cpu_only_process(pairs, gpu_run, tmp_path):
     assert all(v.device.type == "cpu" for v in ckpt["model"].values())
     model = load_checkpoint(FSANet(), gpu_run / "last.pth")
     assert tensors_digest(model.state_dict().items()) == tensors_digest(ckpt["model"].items())
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    env = child_env(CUDA_VISIBLE_DEVICES="")
     maps = subprocess.run([sys.executable, str(ROOT / "test.py"), "--pth_path", str(gpu_run / "last.pth"),
                            "--input", str(pairs / "im"), "--save_root", str(tmp_path / "maps"), "--testsize", "64",
-                           "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           "--device", "cpu", "--runtime", "torch"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert maps.returncode == 0, maps.stderr[-2000:]
     assert len(list((tmp_path / "maps").glob("*.png"))) == 4
     resumed = tmp_path / "cpu_resume"
@@ -294,7 +299,7 @@ def test_torchrun_one_process_with_nccl(pairs, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            str(ROOT / "train.py"), *cli(pairs, tmp_path, "ddp", "--device", "cuda", "--backend", "nccl",
                                         "--stop_after_epoch", "1")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

@@ -3,15 +3,32 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+import pytest
+from conftest import ROOT, child_env
 
-from pipelines.gpu_check import Budget, Stage, all_passed, memory_table, pytest_results, summary
+from pipelines.gpu_check import (
+    COMPILED_TEST,
+    CUDA_TEST_FILES,
+    REFERENCE_ENV,
+    STAGE_MODULES,
+    Budget,
+    Stage,
+    all_passed,
+    check_ready,
+    memory_table,
+    missing_packages,
+    pytest_results,
+    run_stage,
+    summary,
+)
+from utils.errors import FSANetError
 
-NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+NO_GPU = child_env(CUDA_VISIBLE_DEVICES="")
 
 
 def fake_venv(folder: Path) -> Path:
@@ -31,6 +48,30 @@ def test_make_gpu_check_without_a_gpu_runs_nothing_and_exits_0(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA GPU found") and "nothing was run" in lines[0]
+
+
+def test_make_gpu_check_with_a_given_python_builds_no_venv(tmp_path):
+    venv = tmp_path / "never"
+    proc = subprocess.run(["make", "-s", "gpu-check", f"VENV={venv}", f"PY={sys.executable}"], cwd=ROOT, env=NO_GPU,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("gpu-check: no CUDA GPU found") and not venv.exists()
+
+
+def test_the_packages_checked_before_the_stages_are_requirements():
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    required = {re.match(r"[\w.-]*", line).group().lower() for line in lines}
+    assert set(STAGE_MODULES.values()) <= required
+    assert missing_packages(STAGE_MODULES) == []
+    assert missing_packages({"json": "json", "fsanet_no_such_module": "no-such-package"}) == ["no-such-package"]
+
+
+def test_check_ready_names_missing_fixtures_and_the_variable(tmp_path, monkeypatch, reference_dir):
+    monkeypatch.setenv(REFERENCE_ENV, str(reference_dir))
+    check_ready()
+    monkeypatch.setenv(REFERENCE_ENV, str(tmp_path))
+    with pytest.raises(FSANetError, match=f"not in {tmp_path}; set {REFERENCE_ENV}"):
+        check_ready()
 
 
 def test_cuda_tests_are_skipped_cleanly_without_a_gpu():
@@ -74,14 +115,25 @@ def test_summary_names_the_gpu_and_every_outcome(tmp_path):
         "note": "8.00 images/s", "data": {"peak_allocated_gib_per_gpu": [12.0], "peak_reserved_gib_per_gpu": [13.0],
                                           "images_per_s": 8.0}}]))
     bench = Stage("bench_train_one_gpu", ["python", "benchmark.py", "--report", str(report)], 10, rc=0)
-    tests = Stage("pytest_cuda", ["pytest"], 10, rc=None, timed_out=True, output=(
+    tests = Stage("pytest_cuda", ["pytest"], 10, rc=-9, timed_out=True, seconds=10.0, output=(
         "collected 3 items\ntests/test_cuda.py::test_a PASSED [ 33%]\ntests/test_cuda.py::test_b FAILED [ 66%]\n"))
+    compiled = run_stage(Stage("pytest_cuda_compile", ["false"], 10), Budget(5), tmp_path, dict(os.environ))
     figures = {"tests/test_cuda.py::test_a": ["max diff 1e-05"]}
-    lines = summary([bench, tests], figures, "GPU X", ["cuda:0: GPU X"], Budget(100))
+    lines = summary([bench, tests, compiled], figures, "GPU X", ["cuda:0: GPU X"], Budget(100))
     text = "\n".join(lines)
     assert lines[0] == "# gpu-check on GPU X"
     assert "| test_a | PASSED | max diff 1e-05 |" in text and "| test_b | FAILED |" in text
-    assert "| 1 more cuda test(s) | NOT RUN (time budget) |" in text and "| pytest -m cuda | TIMED OUT |" in text
+    assert "| 1 more cuda test(s) | NOT RUN (time budget) |" in text and "| pytest_cuda | TIMED OUT |" in text
     assert "| benchmark bench_train_one_gpu | passed | 1 rows;" in text
     assert "| training batch at 736, batch 4 | 12.00 GiB | 13.00 GiB | 8.00 | yes |" in text
-    assert not all_passed([bench, tests])
+    assert "| pytest_cuda_compile | NOT RUN (time budget) |" in text
+    assert not all_passed([bench, tests]) and not all_passed([bench, compiled]) and all_passed([bench])
+
+
+def test_the_cuda_stages_cover_every_cuda_test_file():
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p",
+                           "no:cacheprovider", "tests"], cwd=ROOT, env=NO_GPU, capture_output=True, text=True,
+                          timeout=300)
+    selected = [line for line in proc.stdout.splitlines() if line.startswith("tests/")]
+    assert {test.split("::")[0] for test in selected} == set(CUDA_TEST_FILES)
+    assert COMPILED_TEST in selected

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, child_env
 
 import train
-from lib import FSANet
+from lib import FSANet, load_checkpoint
 from pipelines.training import TrainConfig, Trainer
 from pipelines.training.checkpointing import CHECKPOINT_FORMAT
 from pipelines.training.reproducibility import tensors_digest
@@ -159,7 +159,7 @@ def killed_run(train_split, tmp_path_factory) -> Iterator[Path]:
     cmd = [sys.executable, str(ROOT / "train.py"),
            *cli_args(train_split, save_root, "run", *SCHEDULE, "--save_iters", "1")]
     # The same thread count as this process, so both runs sum in the same order.
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
+    env = child_env(OMP_NUM_THREADS=str(torch.get_num_threads()))
     last = save_root / "run" / "last.pth"
     with open(save_root / "train.log", "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -213,6 +213,13 @@ def test_checkpoints_hold_the_full_training_state(straight_run):
     assert set(parameter_names()) <= ckpt["model"].keys()  # no module. prefixes
     assert_never_used_untouched(ckpt)
     assert_same_state(ckpt, load(straight_run / "FSANet-3.pth"))
+
+
+def test_a_checkpoint_loads_back_into_the_whole_model_state(straight_run):
+    # The whole state dict, BatchNorm's 0-dim num_batches_tracked included.
+    saved = load(straight_run / "last.pth")["model"]
+    model = load_checkpoint(FSANet(), straight_run / "last.pth")
+    assert tensors_digest(model.state_dict().items()) == tensors_digest(saved.items())
 
 
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(train_split, killed_run, straight_run, tmp_path):
@@ -296,7 +303,7 @@ def test_two_process_ddp_trains_identical_replicas(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(ROOT / "train.py"),
            *cli_args(tiny_data / "DIS-TR", tmp_path, "ddp", "--epoch", "2", "--stop_after_epoch", "1")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env(OMP_NUM_THREADS="1")
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks on this machine; no hostname lookup needed
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)

@@ -267,7 +267,10 @@ def test_fp16_run_keeps_its_grad_scaler_and_validates(tiny_data, tmp_path):
     run = tmp_path / "amp"
     assert sorted(p.name for p in run.glob("*.pth")) == ["best.pth", "last.pth"]
     ckpt = load(run / "last.pth")
-    assert ckpt["scaler"]["scale"] > 0 and ckpt["scaler"]["_growth_tracker"] > 0  # fp16 steps were taken
+    # The GradScaler ran: its state moved from the initial one (steps counted, or a scale halved on an overflow,
+    # which CPU fp16 kernels of some torch versions hit in these 3 steps).
+    scaler = ckpt["scaler"]
+    assert scaler["scale"] > 0 and (scaler["_growth_tracker"] > 0 or scaler["scale"] < 2.0**16)
     scalars = tensorboard_scalars(run)
     assert scalars["val/maxF"] == [pytest.approx(ckpt["best_maxf"])] and 0 < ckpt["best_maxf"] <= 1
     assert len(scalars["val/MAE"]) == 1 and 0 <= scalars["val/MAE"][0] <= 1

@@ -54,6 +54,8 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def exported(release_ckpt: Path, cache_root: Path) -> Path:
     """The real ONNX export of the release checkpoint at SIZE, through the cache."""
+    if not onnx_export.export_supported():
+        pytest.skip(f"ONNX export needs torch >= {onnx_export.MIN_EXPORT_TORCH}, this is {torch.__version__}")
     return export_cache.ExportCache(cache_root).get(export_cache.ExportSpec(release_ckpt, SIZE))
 
 
@@ -61,6 +63,17 @@ def exported(release_ckpt: Path, cache_root: Path) -> Path:
 def torch_model(release_ckpt: Path) -> torch.nn.Module:
     """The PyTorch fast path test.py runs with --runtime torch."""
     return inference.load_model(release_ckpt, "resnet50", torch.device("cpu"))
+
+
+def test_export_on_a_torch_that_cannot_is_refused_before_tracing(release_ckpt: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    assert onnx_export.export_supported("2.6.0") and onnx_export.export_supported("2.14.1+cu130")
+    assert not onnx_export.export_supported("2.5.1+cu124") and not onnx_export.export_supported("2.4.1")
+    monkeypatch.setattr(onnx_export, "export_supported", lambda: False)
+    spec = export_cache.ExportSpec(release_ckpt, SIZE)
+    with pytest.raises(export_cache.RuntimeUnavailable, match=r"needs torch >= 2\.6 \(this is .*use --runtime torch"):
+        export_cache.export_checkpoint(spec, tmp_path / "never.onnx")
+    assert not (tmp_path / "never.onnx").exists()
 
 
 def test_export_matches_torch_under_onnxruntime_and_openvino(exported: Path, torch_model: torch.nn.Module,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,12 +29,19 @@ MAX_BATCH = 1024  # upper bound of the dynamic batch dimension (torch.export nee
 # Opset 20 moved DFT's axis to an input, which OpenVINO 2026.4's ONNX frontend ignores (every FFT
 # then runs along the default axis: logits off by ~1); with 17 the axis is an attribute both read.
 DEFAULT_OPSET = 17
+# torch 2.4.1 and 2.5.1 fail to translate torch.fft.fft2 (the exporter cannot parse its schema); 2.6.0 exports.
+MIN_EXPORT_TORCH = (2, 6)
 # Loggers of the exporter and its graph passes: INFO chatter, and tracebacks of fallbacks they recover from.
 EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
 
 
 class ExportError(RunError):
     """The model could not be exported or checked; the message names the cause and the fix."""
+
+
+def export_supported(version: str = torch.__version__) -> bool:
+    """Whether this torch version can export FSANet to ONNX."""
+    return tuple(int(n) for n in re.findall(r"\d+", version)[:2]) >= MIN_EXPORT_TORCH
 
 
 class PredictGraph(nn.Module):
@@ -88,6 +96,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, testsize: int, opset:
     With `external_data` the weights go to `<path>.data` beside it; without, one self-contained file
     (FSANet's 437 MB of weights fit under protobuf's 2 GB limit).
     """
+    if not export_supported():
+        # Said before tracing: torch.export would spend a minute before the translator fails.
+        raise ExportError(f"ONNX export needs torch >= {'.'.join(map(str, MIN_EXPORT_TORCH))} "
+                          f"(this is {torch.__version__}); upgrade torch")
     start = time.perf_counter()
     graph = PredictGraph(prepare_for_export(model)).eval()
     batch = 2 if dynamic_batch else 1  # torch.export specialises a dimension traced at size 1

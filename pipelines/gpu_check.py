@@ -92,6 +92,13 @@ def reference_fixtures() -> Path:
     return Path(os.environ.get(REFERENCE_ENV, ROOT.parent / "shared" / "reference"))
 
 
+def child_env(**overrides: str) -> dict[str, str]:
+    """This environment for a child process run from the repo: ROOT first on PYTHONPATH, a PYTHONPATH already
+    set kept (it may provide packages: wheels unpacked on a machine without network), then `overrides`."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **overrides}
+
+
 def missing_packages(modules: dict[str, str]) -> list[str]:
     """The pip names of the modules (import name -> pip name) this Python cannot import."""
     return [pip for module, pip in modules.items() if importlib.util.find_spec(module) is None]
@@ -286,12 +293,9 @@ def run_gpu_check(out: Path, budget_s: float = 460.0, compile_model: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     figures_path = out / "figures.jsonl"
     figures_path.unlink(missing_ok=True)
-    # ROOT first; a PYTHONPATH that provides packages (wheels unpacked on a machine without network) is kept.
-    env = {**os.environ, FIGURES_ENV: str(figures_path),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           REFERENCE_ENV: str(reference_fixtures().resolve()),
-           # cuBLAS needs this before its first call for deterministic matrix products (the resume test).
-           "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")}
+    env = child_env(**{FIGURES_ENV: str(figures_path), REFERENCE_ENV: str(reference_fixtures().resolve()),
+                       # cuBLAS needs this before its first call for deterministic matrix products (the resume test).
+                       "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")})
     gpu_lines = gpu_description()
     print("\n".join(["gpu-check:", *gpu_lines]), flush=True)
     stages = []

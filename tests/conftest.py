@@ -15,17 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipelines.gpu_check import reference_fixtures  # noqa: E402  (needs ROOT on sys.path)
+# child_env: the environment for the tests' child processes, as gpu-check builds it for its stages.
+from pipelines.gpu_check import child_env, reference_fixtures  # noqa: E402, F401  (needs ROOT on sys.path)
 
 REFERENCE = reference_fixtures()
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-
-def child_env(**overrides: str) -> dict[str, str]:
-    """This environment for a child process, the repo first on PYTHONPATH (a PYTHONPATH already set is kept)."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, **overrides}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -66,6 +66,12 @@ def test_the_packages_checked_before_the_stages_are_requirements():
     assert missing_packages({"json": "json", "fsanet_no_such_module": "no-such-package"}) == ["no-such-package"]
 
 
+def test_children_get_the_repo_first_and_keep_a_pythonpath_that_provides_packages(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/unpacked/wheels")
+    env = child_env(CUDA_VISIBLE_DEVICES="")
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/unpacked/wheels"] and env["CUDA_VISIBLE_DEVICES"] == ""
+
+
 def test_check_ready_names_missing_fixtures_and_the_variable(tmp_path, monkeypatch, reference_dir):
     monkeypatch.setenv(REFERENCE_ENV, str(reference_dir))
     check_ready()

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # The .venv is built only when the targets run its Python.
 NEEDS_VENV := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP))
 
-.PHONY: test lint demo gpu-check venv clean
+.PHONY: test test-fast lint demo gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ lint: $(NEEDS_VENV)
 
 test: lint
 	$(PY) -m pytest -q tests
+
+# The unit layer for the edit-run loop: no script subprocess, no ONNX export, no training run.
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow and not cuda" tests
 
 demo: $(NEEDS_VENV)
 	$(PY) demo.py

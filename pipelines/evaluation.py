@@ -27,9 +27,9 @@ import numpy as np
 from tqdm import tqdm
 
 from pipelines import eval_reports as reports
+from utils.cache_keys import default_cache_dir as fsanet_cache_dir
 from utils.dis5k import EVAL_SPLITS, TE_MEAN_ROW, TE_SUBSETS, expected_folders, split_folders
 from utils.errors import FSANetError, RunError, listing
-from utils.export_cache import default_cache_dir as fsanet_cache_dir
 from utils.gt_cache import cached_boundary_ground, cached_skeleton, cached_wf_ground
 from utils.imageio import ImageReadError, list_images, max_pixels, read_mask, set_max_pixels
 from utils.metrics import (

@@ -25,7 +25,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The writer's pid in the name lets a later run tell an orphan from a file another live run is writing.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp makes owner-only files; give the result the permissions a plain open() would.
@@ -49,8 +50,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, f)
 
 
-# mkstemp's names for atomic_path: ".<target name>.<8 random characters>.tmp".
-_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+# mkstemp's names for atomic_path: ".<target name>.<writer pid>.<8 random characters>.tmp" (older
+# versions wrote no pid).
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+?)(?:\.(?P<pid>\d+))?\.[A-Za-z0-9_]{8}\.tmp$")
 
 
 def is_temp_name(name: str, target_suffixes: tuple[str, ...]) -> bool:
@@ -59,14 +61,30 @@ def is_temp_name(name: str, target_suffixes: tuple[str, ...]) -> bool:
     return bool(match) and match.group("target").lower().endswith(target_suffixes)
 
 
+def _writer_alive(name: str) -> bool:
+    """True when the temp file's writer (the pid in its name) is a live process, this one included."""
+    match = _TEMP_NAME.match(name)
+    pid = int(match.group("pid")) if match and match.group("pid") else None
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
 def remove_stale_temps(folder: str | os.PathLike, target_suffixes: tuple[str, ...]) -> list[Path]:
-    """Delete temp files a killed run of ours left in `folder` (only names atomic_path makes); log them."""
+    """Delete temp files a killed run of ours left in `folder` (only names atomic_path makes, and not those
+    a live process is still writing); log them."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for path in sorted(folder.iterdir()):
-        if is_temp_name(path.name, target_suffixes) and path.is_file():
+        if is_temp_name(path.name, target_suffixes) and path.is_file() and not _writer_alive(path.name):
             with contextlib.suppress(OSError):
                 path.unlink()
                 removed.append(path)

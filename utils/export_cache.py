@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.atomic import atomic_path
+from utils.cache_keys import default_cache_dir, file_sha256
 from utils.errors import FSANetError
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,6 @@ class ExportSpec:
     freq_encoder: str = "resnet50"
 
 
-def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/fsanet`, else `~/.cache/fsanet`."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fsanet"
-
-
 def usable_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """`cache_dir` (or the default) when it can be written, else a fresh temporary folder, with a warning."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -67,12 +62,6 @@ def usable_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         log.warning("cache folder %s is not writable (%s); using %s for this run (pass --cache_dir)",
                     root, e.strerror or e, fallback)
         return fallback
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's content."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def remembered_sha256(path: Path, memo_file: Path) -> str:

@@ -1,0 +1,151 @@
+"""What a cache key is, in one place: the bytes read, the repo code that computes, the libraries on the path.
+
+A cache is a promise that its answer equals recomputing. Every on-disk cache of the repo (ONNX exports,
+OpenVINO compiled models, eval's GT and per-image results, the training data cache) builds its key
+from `computation_fields` and `content` digests made here, so the next cache cannot forget a part:
+
+- content: the SHA-256 of the bytes the computation uses, taken from the same read (`read_hashed`) or
+  the same open file (`sha256_of_open`), never from a second open of the path;
+- code: `code_digest(modules)`, the SHA-256 of the repo's source files those modules import, followed
+  transitively through the repo (a `git pull` that changes any of them changes the key), computed once
+  per process;
+- libraries: `library_versions(names)`, the installed versions of every library whose arithmetic or
+  decoding reaches the result.
+
+`remove_orphaned_temps` deletes what a killed run of ours left in a cache folder.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from utils.atomic import remove_stale_temps
+
+# The folder holding the packages actually imported (lib/, utils/, pipelines/): this file's package's parent.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_cache_dir() -> Path:
+    """fsanet's cache root: `$XDG_CACHE_HOME/fsanet`, else `~/.cache/fsanet`."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fsanet"
+
+
+def read_hashed(path: str | os.PathLike) -> tuple[bytes, str]:
+    """A file's bytes and the SHA-256 of exactly those bytes (one read: the digest names what is used)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def sha256_of_open(f: BinaryIO) -> str:
+    """SHA-256 of an open binary file from its start; the file is left at position 0 for the caller to use."""
+    f.seek(0)
+    digest = hashlib.file_digest(f, "sha256").hexdigest()
+    f.seek(0)
+    return digest
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's content (for files this run wrote itself, such as a fresh export)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def library_versions(names: Iterable[str]) -> dict[str, str]:
+    """Installed version of each distribution in `names` (read without importing it); "none" if absent."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "none"
+    return versions
+
+
+def _module_file(name: str, root: Path) -> Path | None:
+    """The source file of repo module `name` under `root` (package `__init__.py` or module `.py`), else None."""
+    base = root.joinpath(*name.split("."))
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Every dotted module name an import statement anywhere in `tree` may refer to (lazy imports included)."""
+    names: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            parts = base.split(".")
+            names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
+    return names
+
+
+def repo_sources(modules: Sequence[str], root: Path = REPO_ROOT) -> dict[str, Path]:
+    """The repo modules that `modules` import, transitively (themselves included), with their source files."""
+    found: dict[str, Path] = {}
+    pending = list(modules)
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        path = _module_file(name, root)
+        if path is None:
+            continue  # not the repo's: a library, whose version goes into the key instead
+        found[name] = path
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+        pending.extend(_imported_names(tree, name, path.name == "__init__.py") - found.keys())
+    missing = [m for m in modules if m not in found]
+    if missing:
+        raise ValueError(f"not modules of this repo: {', '.join(missing)}")
+    return found
+
+
+@functools.cache
+def code_digest(*modules: str) -> str:
+    """SHA-256 over the source of `modules` and every repo module they import (once per process)."""
+    digest = hashlib.sha256()
+    for name, path in sorted(repo_sources(modules).items()):
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def computation_fields(modules: Sequence[str], libraries: Iterable[str], **parts: object) -> dict[str, object]:
+    """The key fields of one computation: its code digest, its libraries' versions, and `parts` (options, content)."""
+    fields: dict[str, object] = {"code_sha256": code_digest(*modules)}
+    fields.update({f"version:{name}": version for name, version in library_versions(libraries).items()})
+    fields.update(parts)
+    return fields
+
+
+def fields_digest(fields: dict[str, object]) -> str:
+    """SHA-256 of key fields (canonical JSON): the name an entry with these fields is stored under."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def remove_orphaned_temps(folder: str | os.PathLike, suffixes: tuple[str, ...], recursive: bool = False) -> list[Path]:
+    """Delete the temp files that runs of ours no longer alive left in a cache folder (and its subfolders)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    folders = [folder, *(p for p in folder.rglob("*") if p.is_dir())] if recursive else [folder]
+    return [path for sub in folders for path in remove_stale_temps(sub, suffixes)]

@@ -5,6 +5,7 @@ layout reaches ours only through `convert_release_state_dict`.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -12,6 +13,7 @@ import re
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
@@ -34,6 +36,10 @@ RELEASE_KEY_RULES: list[tuple[str, str | Callable[[re.Match], str]]] = [
 ]
 
 
+# What the loaders read: a path, the file's bytes (already read and hashed), or an open binary file.
+CheckpointSource = str | os.PathLike | bytes | BinaryIO
+
+
 class CheckpointError(FSANetError):
     """A checkpoint or weights file that cannot be used; the message names the file and the fix."""
 
@@ -50,13 +56,17 @@ def _not_a_checkpoint(path: Path) -> str | None:
     if not path.exists():
         return f"checkpoint not found: {path}"
     with open(path, "rb") as f:
-        head = f.read(512)
+        return _not_a_checkpoint_head(f.read(512), str(path))
+
+
+def _not_a_checkpoint_head(head: bytes, name: str) -> str | None:
+    """Why a file starting with `head` is not a PyTorch checkpoint (empty, text, another format), or None."""
     if not head:
-        return f"{path} is empty (0 bytes), not a PyTorch checkpoint; the save was probably interrupted"
+        return f"{name} is empty (0 bytes), not a PyTorch checkpoint; the save was probably interrupted"
     if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC):
         return None
     kind = "a text file" if _looks_like_text(head) else f"binary data starting with {head[:8]!r}"
-    return (f"{path} is {kind}, not a PyTorch checkpoint (a .pth file saved by torch.save); "
+    return (f"{name} is {kind}, not a PyTorch checkpoint (a .pth file saved by torch.save); "
             "check the --pth_path / --pre_model path")
 
 
@@ -69,29 +79,41 @@ def _looks_like_text(head: bytes) -> bool:
     return all(c.isprintable() or c in "\r\n\t" for c in text)
 
 
-def torch_load_weights(path: str | os.PathLike) -> object:
-    """torch.load with weights_only=True, turning every failure into a CheckpointError."""
-    path = Path(path)
+def torch_load_weights(source: CheckpointSource, name: str | None = None) -> object:
+    """torch.load with weights_only=True of a path, a checkpoint's bytes or an open binary file; every failure
+    becomes a CheckpointError naming `name` (default: the path).
+
+    Bytes let a caller load exactly the bytes it hashed (utils.cache_keys.read_hashed): a file rewritten
+    between the digest and the load cannot slip other weights under the digest's name.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    name = name or (str(source) if isinstance(source, (str, os.PathLike)) else "checkpoint")
     try:
-        problem = _not_a_checkpoint(path)
+        if isinstance(source, (str, os.PathLike)):
+            source = Path(source)
+            problem = _not_a_checkpoint(source)
+        else:
+            problem = _not_a_checkpoint_head(source.read(512), name)
+            source.seek(0)
     except OSError as err:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({err.strerror or err})") from None
+        raise CheckpointError(f"{name}: cannot read the checkpoint ({err.strerror or err})") from None
     if problem:
         raise CheckpointError(problem)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only" in str(err).lower() or "weights_only" in str(err):
             raise CheckpointError(
-                f"{path} holds Python objects other than tensors and plain containers; refusing to "
+                f"{name} holds Python objects other than tensors and plain containers; refusing to "
                 f"unpickle it (weights_only=True). Re-save it as a plain state dict."
             ) from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({err})") from None
+        raise CheckpointError(f"{name} is not a PyTorch checkpoint ({err})") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, IndexError, struct.error) as err:
         reason = str(err).splitlines()[0].split(". ")[0] if str(err) else type(err).__name__
         if isinstance(err, (KeyError, IndexError, EOFError, struct.error)) or reason.isdigit() or len(reason) < 8:
             reason = "its data ends early or is damaged"
-        raise CheckpointError(f"{path} is a truncated or damaged PyTorch checkpoint ({reason}); "
+        raise CheckpointError(f"{name} is a truncated or damaged PyTorch checkpoint ({reason}); "
                               "copy or save it again") from None
 
 
@@ -105,9 +127,11 @@ def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file (release layout, our layout or a bare state dict), unprefixed."""
-    return extract_state_dict(torch_load_weights(path), path)
+def read_state_dict(source: CheckpointSource, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint (a path, its bytes or an open file; release layout, our layout or a bare
+    state dict), unprefixed; errors name `name` (default: the path)."""
+    name = name or (str(source) if isinstance(source, (str, os.PathLike)) else "checkpoint")
+    return extract_state_dict(torch_load_weights(source, name), name)
 
 
 def checkpoint_radius(path: str | os.PathLike) -> float | None:
@@ -199,6 +223,8 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
     return model
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load weights into `model` strictly from any supported checkpoint layout; returns the model."""
-    return load_weights(model, read_state_dict(path), str(path))
+def load_checkpoint(model: nn.Module, source: CheckpointSource, name: str | None = None) -> nn.Module:
+    """Load weights into `model` strictly from a checkpoint (a path, its bytes or an open binary file) of any
+    supported layout; errors name `name` (default: the path); returns the model."""
+    name = name or (str(source) if isinstance(source, (str, os.PathLike)) else "checkpoint")
+    return load_weights(model, read_state_dict(source, name), name)

@@ -51,3 +51,12 @@ def official_weights(reference_dir: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def release_ckpt_file(tmp_path_factory: pytest.TempPathFactory, official_weights: ModuleType) -> Path:
+    """A checkpoint laid out like the release's FSANet-100.pth (the fixtures' seed-0 weights, radius 60), written
+    once per session (437 MB, 5 s)."""
+    path = tmp_path_factory.mktemp("release_ckpt") / "FSANet-100.pth"
+    official_weights.save_official_checkpoint(path, seed=0, radius=60.0)
+    return path

@@ -1,7 +1,7 @@
 """ONNX export, the OpenVINO / onnxruntime runners and their cache, cutouts, overlays and TTA.
 
 One real export (the fixtures' seed-0 release checkpoint at 256, the size of infer_case) is shared
-by the whole module; the cache's bookkeeping is tested with a stand-in exporter that writes bytes.
+by the session; the cache's bookkeeping is tested in test_export_cache.py with stand-in exporters.
 """
 from __future__ import annotations
 
@@ -37,23 +37,21 @@ def read_png(path: Path) -> np.ndarray:
         return np.asarray(im)
 
 
-@pytest.fixture(scope="module")
-def release_ckpt(tmp_path_factory: pytest.TempPathFactory, official_weights) -> Path:
+@pytest.fixture(scope="session")
+def release_ckpt(release_ckpt_file: Path) -> Path:
     """A checkpoint laid out like the release's FSANet-100.pth (the fixtures' seed-0 weights)."""
-    path = tmp_path_factory.mktemp("ckpt") / "FSANet-100.pth"
-    official_weights.save_official_checkpoint(path, seed=0, radius=60.0)
-    return path
+    return release_ckpt_file
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The module's export cache (never ~/.cache)."""
     return tmp_path_factory.mktemp("fsanet_cache")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(release_ckpt: Path, cache_root: Path) -> Path:
-    """The real ONNX export of the release checkpoint at SIZE, through the cache."""
+    """The real ONNX export of the release checkpoint at SIZE, through the cache (one per session)."""
     if not onnx_export.export_supported():
         pytest.skip(f"ONNX export needs torch >= {onnx_export.MIN_EXPORT_TORCH}, this is {torch.__version__}")
     return export_cache.ExportCache(cache_root).get(export_cache.ExportSpec(release_ckpt, SIZE))
@@ -72,10 +70,11 @@ def test_export_on_a_torch_that_cannot_is_refused_before_tracing(release_ckpt: P
     monkeypatch.setattr(onnx_export, "export_supported", lambda: False)
     spec = export_cache.ExportSpec(release_ckpt, SIZE)
     with pytest.raises(export_cache.RuntimeUnavailable, match=r"needs torch >= 2\.6 \(this is .*use --runtime torch"):
-        export_cache.export_checkpoint(spec, tmp_path / "never.onnx")
+        export_cache.export_checkpoint(spec, release_ckpt.read_bytes(), tmp_path / "never.onnx")
     assert not (tmp_path / "never.onnx").exists()
 
 
+@pytest.mark.slow
 def test_export_matches_torch_under_onnxruntime_and_openvino(exported: Path, torch_model: torch.nn.Module,
                                                              cache_root: Path) -> None:
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
@@ -92,6 +91,7 @@ def test_export_matches_torch_under_onnxruntime_and_openvino(exported: Path, tor
     assert 0 < (bf16 - expected[:1]).abs().max().item() < 0.5
 
 
+@pytest.mark.slow
 def test_runner_refuses_an_export_for_another_size(exported: Path) -> None:
     with pytest.raises(runtimes.RuntimeUnavailable, match="export it again"):
         runtimes.OpenVINORunner(exported, SIZE // 2)
@@ -99,6 +99,7 @@ def test_runner_refuses_an_export_for_another_size(exported: Path) -> None:
         runtimes.OnnxRuntimeRunner(exported, SIZE * 2)
 
 
+@pytest.mark.slow
 def test_openvino_maps_equal_torch_maps_on_infer_case(reference_dir: Path, release_ckpt: Path, exported: Path,
                                                       cache_root: Path, tmp_path: Path) -> None:
     images = reference_dir / "infer_case" / "im"
@@ -117,13 +118,14 @@ def test_openvino_maps_equal_torch_maps_on_infer_case(reference_dir: Path, relea
         assert release.mean() <= 0.5 and release.max() <= 4, ref.name
 
 
+@pytest.mark.slow
 def test_cache_entry_is_reused_and_verified(exported: Path, release_ckpt: Path, cache_root: Path,
                                             tmp_path: Path) -> None:
     spec = export_cache.ExportSpec(release_ckpt, SIZE)
     root = tmp_path / "cache"
     shutil.copytree(cache_root / "onnx", root / "onnx")
 
-    def must_not_export(spec: export_cache.ExportSpec, path: Path) -> float:
+    def must_not_export(spec: export_cache.ExportSpec, weights: bytes, path: Path) -> float:
         raise AssertionError("a sound cache entry was exported again")
 
     cache = export_cache.ExportCache(root, exporter=must_not_export)
@@ -133,94 +135,7 @@ def test_cache_entry_is_reused_and_verified(exported: Path, release_ckpt: Path, 
     assert record["onnx_sha256"] == export_cache.file_sha256(exported)
 
 
-def fake_exporter(calls: list[Path]):
-    """An exporter that writes a small stand-in file and records where it was asked to write."""
-    def export(spec: export_cache.ExportSpec, path: Path) -> float:
-        # Written under a temporary name and renamed when complete: a concurrent reader never sees it half-written.
-        assert path.suffix == ".tmp"
-        calls.append(path)
-        path.write_bytes(f"{spec.testsize} {spec.freq_encoder}".encode() * 100)
-        return 0.0
-    return export
-
-
-@pytest.fixture
-def small_ckpt(tmp_path: Path) -> Path:
-    """A stand-in checkpoint file (the cache hashes it; the fake exporter never reads it)."""
-    path = tmp_path / "weights.pth"
-    path.write_bytes(b"weights v1")
-    return path
-
-
-def test_cache_rebuilds_missing_corrupt_and_foreign_entries(small_ckpt: Path, tmp_path: Path) -> None:
-    calls: list[Path] = []
-    cache = export_cache.ExportCache(tmp_path / "cache", exporter=fake_exporter(calls))
-    spec = export_cache.ExportSpec(small_ckpt, 64)
-    path = cache.get(spec)
-    assert len(calls) == 1 and calls[0] != path and path.read_bytes().startswith(b"64 resnet50")
-    assert cache.get(spec) == path and len(calls) == 1  # hit
-    # Corrupt model file (same size, one byte changed): rebuilt.
-    data = bytearray(path.read_bytes())
-    data[10] ^= 1
-    path.write_bytes(bytes(data))
-    assert cache.get(spec) == path and len(calls) == 2
-    # Truncated, then missing model file; missing and unreadable record: rebuilt each time.
-    path.write_bytes(path.read_bytes()[:50])
-    cache.get(spec)
-    path.unlink()
-    cache.get(spec)
-    path.with_suffix(".json").unlink()
-    cache.get(spec)
-    path.with_suffix(".json").write_text("{not json")
-    cache.get(spec)
-    assert len(calls) == 6 and path.read_bytes().startswith(b"64 resnet50")
-    assert not [p for p in path.parent.iterdir() if p.suffix not in (".onnx", ".json")]  # no temporaries left
-
-
-def test_cache_key_separates_size_architecture_weights_and_versions(small_ckpt: Path, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[Path] = []
-    cache = export_cache.ExportCache(tmp_path / "cache", exporter=fake_exporter(calls))
-    base = cache.get(export_cache.ExportSpec(small_ckpt, 64))
-    other_size = cache.get(export_cache.ExportSpec(small_ckpt, 128))
-    other_arch = cache.get(export_cache.ExportSpec(small_ckpt, 64, "res2net50"))
-    assert len({base, other_size, other_arch}) == 3 and len(calls) == 3
-    assert other_size.read_bytes().startswith(b"128 resnet50") and other_arch.read_bytes().startswith(b"64 res2net50")
-    small_ckpt.write_bytes(b"weights v2")  # retrained weights, same file name
-    assert cache.get(export_cache.ExportSpec(small_ckpt, 64)) != base and len(calls) == 4
-    monkeypatch.setattr(export_cache, "package_version", lambda name: "99.0")
-    cache.get(export_cache.ExportSpec(small_ckpt, 64))
-    assert len(calls) == 5
-    # A record naming another size is never used for this one, even under this entry's file name.
-    fields = export_cache.cache_fields(export_cache.ExportSpec(small_ckpt, 64))
-    model_path, record_path = cache.paths(fields)
-    record = json.loads(record_path.read_text())
-    record_path.write_text(json.dumps(dict(record, testsize=128)))
-    assert "another checkpoint, size or version" in export_cache.ExportCache.check(fields, model_path, record_path)
-
-
-def test_checkpoint_digest_is_remembered_until_the_file_changes(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    checkpoint, memo = tmp_path / "weights.pth", tmp_path / "cache" / "digests.json"
-    checkpoint.write_bytes(b"weights v1")
-    # Just written: the clock's coarse step could hide a rewrite, so the digest is not remembered yet.
-    assert export_cache.remembered_sha256(checkpoint, memo) == export_cache.file_sha256(checkpoint)
-    assert not memo.exists()
-    old = checkpoint.stat().st_mtime - 60
-    os.utime(checkpoint, (old, old))
-    first = export_cache.remembered_sha256(checkpoint, memo)
-    assert memo.is_file()
-    hashed: list[Path] = []
-    real_sha256 = export_cache.file_sha256
-    monkeypatch.setattr(export_cache, "file_sha256", lambda path: hashed.append(path) or real_sha256(path))
-    assert export_cache.remembered_sha256(checkpoint, memo) == first and hashed == []  # read from the memo
-    checkpoint.write_bytes(b"weights v2")  # retrained in place: same name and size, new time stamp
-    assert export_cache.remembered_sha256(checkpoint, memo) == real_sha256(checkpoint) != first
-    assert hashed == [checkpoint]
-    memo.write_text("{not json")  # a damaged memo costs a hash, nothing else
-    assert export_cache.remembered_sha256(checkpoint, memo) == real_sha256(checkpoint)
-
-
+@pytest.mark.slow
 def test_corrupt_entry_compiled_beside_its_check_is_exported_again(exported: Path, release_ckpt: Path,
                                                                     cache_root: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
@@ -232,7 +147,7 @@ def test_corrupt_entry_compiled_beside_its_check_is_exported_again(exported: Pat
     entry.write_bytes(bytes(data))
     exports: list[Path] = []
 
-    def re_export(spec: export_cache.ExportSpec, path: Path) -> float:
+    def re_export(spec: export_cache.ExportSpec, weights: bytes, path: Path) -> float:
         exports.append(path)
         shutil.copyfile(exported, path)
         return 0.0
@@ -245,6 +160,7 @@ def test_corrupt_entry_compiled_beside_its_check_is_exported_again(exported: Pat
     assert torch.equal(runner.predict(x), sound)
 
 
+@pytest.mark.slow
 def test_runtime_fault_after_compiling_is_one_line_and_exit_1(exported: Path, cache_root: Path) -> None:
     from utils.errors import EXIT_FAILED
 
@@ -256,19 +172,6 @@ def test_runtime_fault_after_compiling_is_one_line_and_exit_1(exported: Path, ca
         message = str(fault.value)
         assert fault.value.exit_code == EXIT_FAILED and "\n" not in message
         assert message.startswith(f"{runner.name} failed while running {exported}") and "--runtime torch" in message
-
-
-def test_cache_folder_default_and_unwritable_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert export_cache.default_cache_dir() == tmp_path / "xdg" / "fsanet"
-    assert export_cache.usable_cache_dir(None) == tmp_path / "xdg" / "fsanet"
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    with caplog.at_level(logging.WARNING):
-        fallback = export_cache.usable_cache_dir(blocker / "cache")
-    assert fallback.is_dir() and os.access(fallback, os.W_OK) and "not writable" in caplog.text
-    shutil.rmtree(fallback)
 
 
 def test_explicit_runtime_refusals_and_auto_fallback(release_ckpt: Path, tmp_path: Path,
@@ -352,6 +255,7 @@ def test_hflip_tta_averages_the_image_and_its_mirror(torch_model: torch.nn.Modul
         assert torch.allclose(tta.predict(x.flip(-1)).flip(-1), got, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_script_checks_with_onnxruntime(exported: Path, release_ckpt: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     import importlib.util

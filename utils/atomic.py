@@ -64,9 +64,11 @@ def is_temp_name(name: str, target_suffixes: tuple[str, ...]) -> bool:
 def _writer_alive(name: str) -> bool:
     """True when the temp file's writer (the pid in its name) is a live process, this one included."""
     match = _TEMP_NAME.match(name)
-    pid = int(match.group("pid")) if match and match.group("pid") else None
-    if pid is None:
-        return False
+    return bool(match and match.group("pid")) and pid_alive(int(match.group("pid")))
+
+
+def pid_alive(pid: int) -> bool:
+    """True when process `pid` exists (this one included, another user's too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -12,7 +12,10 @@ from `computation_fields` and `content` digests made here, so the next cache can
 - libraries: `library_versions(names)`, the installed versions of every library whose arithmetic or
   decoding reaches the result.
 
-`remove_orphaned_temps` deletes what a killed run of ours left in a cache folder.
+`remove_orphaned_temps` deletes what a killed run of ours left in a cache folder; `scratch_dir` is a
+run's temporary folder (for a cache that cannot be written), removed when released or at exit, and by
+the next run when this one was killed. `stamped_sha256` / `read_hashed_stamped` add to a digest the
+stamp a memo of digests may key it by.
 """
 from __future__ import annotations
 
@@ -22,12 +25,19 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
+import shutil
+import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from utils.atomic import remove_stale_temps
+from utils.atomic import pid_alive, remove_stale_temps
 
+# A file changed this soon before it was hashed may change again within the clock's coarse step while
+# keeping its stamp (git's "racy" case): its stamp is not given out.
+RACY_SECONDS = 2.0
 # The folder holding the packages actually imported (lib/, utils/, pipelines/): this file's package's parent.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,3 +159,63 @@ def remove_orphaned_temps(folder: str | os.PathLike, suffixes: tuple[str, ...], 
         return []
     folders = [folder, *(p for p in folder.rglob("*") if p.is_dir())] if recursive else [folder]
     return [path for sub in folders for path in remove_stale_temps(sub, suffixes)]
+
+
+FileStamp = tuple[int, int, int, int, int]
+
+
+def file_stamp(st: os.stat_result) -> FileStamp:
+    """What an in-place rewrite cannot keep: device, inode, size, mtime and ctime (no tool sets ctime back)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _steady_stamp(before: os.stat_result, after: os.stat_result) -> FileStamp | None:
+    """The stamp of a file read between two fstats, or None if it changed meanwhile or changed too recently."""
+    stamp = file_stamp(before)
+    if stamp != file_stamp(after) or time.time() - max(stamp[3], stamp[4]) / 1e9 <= RACY_SECONDS:
+        return None
+    return stamp
+
+
+def stamped_sha256(path: str | os.PathLike) -> tuple[str, FileStamp | None]:
+    """SHA-256 of a file and the stamp it had while hashed (fstat of the open file before and after), or None
+    as the stamp when the file changed meanwhile or too recently to trust a stamp."""
+    with open(path, "rb") as f:
+        before = os.fstat(f.fileno())
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        return digest, _steady_stamp(before, os.fstat(f.fileno()))
+
+
+def read_hashed_stamped(path: str | os.PathLike) -> tuple[bytes, str, FileStamp | None]:
+    """`read_hashed` plus the stamp the file had while read (None as in `stamped_sha256`)."""
+    with open(path, "rb") as f:
+        before = os.fstat(f.fileno())
+        data = f.read()
+        return data, hashlib.sha256(data).hexdigest(), _steady_stamp(before, os.fstat(f.fileno()))
+
+
+def _scratch_pattern(prefix: str) -> re.Pattern[str]:
+    """Names `scratch_dir` makes (`<prefix><pid>-<8 characters>`) and older pid-less ones (`<prefix><8>`)."""
+    return re.compile(rf"^{re.escape(prefix)}(?:(?P<pid>\d+)-)?[a-z0-9_]{{8}}$")
+
+
+def remove_orphaned_scratch(prefix: str) -> list[Path]:
+    """Delete the scratch folders (`scratch_dir(prefix)`) that runs no longer alive left in the temp folder."""
+    pattern, removed = _scratch_pattern(prefix), []
+    try:
+        candidates = list(Path(tempfile.gettempdir()).glob(f"{prefix}*"))
+    except OSError:
+        return []
+    for folder in candidates:
+        match = pattern.match(folder.name)
+        if match and folder.is_dir() and not (match.group("pid") and pid_alive(int(match.group("pid")))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder for this run (its pid in the name), removed by `cleanup()`, when released, or at exit;
+    a killed run's is removed by the next call (`remove_orphaned_scratch`)."""
+    remove_orphaned_scratch(prefix)
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-", ignore_cleanup_errors=True)

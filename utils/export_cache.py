@@ -1,39 +1,53 @@
 """ONNX exports of checkpoints cached on disk, verified on every use and rebuilt when missing or corrupt.
 
-An export is cached under `<cache>/onnx/<key>.onnx`, keyed by the checkpoint's content, the test
-size, the frequency encoder, the model code and the exporting libraries' versions; a `<key>.json`
-beside it records those fields and the file's SHA-256, and an entry that does not match is exported
-again, never used. The checkpoint's SHA-256 is remembered in `<cache>/onnx/checkpoint_digests.json`
-by path, size, modification time and inode, so an unchanged checkpoint is read once, not every run.
+An export is cached under `<cache>/onnx/<key>.onnx`. Its key (utils.cache_keys) covers everything
+that computes it: the SHA-256 of the checkpoint bytes that were exported (read once, hashed, and
+loaded from those same bytes), the test size, the frequency encoder, the digest of the repo code the
+export runs, and the versions of the libraries that shape the graph. A `<key>.json` beside it
+records those fields and the file's SHA-256; an entry that does not match is exported again, never used.
+
+The checkpoint's SHA-256 is remembered in `<cache>/onnx/checkpoint_digests.json` by a stamp an
+in-place rewrite cannot keep (device, inode, size, mtime, ctime), so an unchanged checkpoint is
+read once, not every run. A cache that cannot be written (read-only, full, a file) is still read;
+an export it cannot hold goes to a temporary folder removed when the runtime has loaded it.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import json
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.atomic import atomic_path
-from utils.cache_keys import default_cache_dir, file_sha256
+from utils.atomic import atomic_path, os_reason
+from utils.cache_keys import (
+    computation_fields,
+    default_cache_dir,
+    fields_digest,
+    file_sha256,
+    file_stamp,
+    read_hashed_stamped,
+    remove_orphaned_scratch,
+    remove_orphaned_temps,
+    scratch_dir,
+    stamped_sha256,
+)
 from utils.errors import FSANetError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bump when the cache's layout or the export's meaning changes (2: opset 17)
-EXPORT_LIBRARIES = ("torch", "onnx", "onnxscript")
-# The code that defines the exported graph: an edit to any of it invalidates every entry.
-GRAPH_SOURCES = ("lib", "utils/onnx_export.py")
-ROOT = Path(__file__).resolve().parents[1]
-# A file changed this soon before it was hashed may change again within the clock's coarse step while
-# keeping its size and time stamp (git's "racy" case): its digest is not remembered.
-RACY_SECONDS = 2.0
+CACHE_FORMAT = 3  # the entries' layout (3: keyed by utils.cache_keys.computation_fields)
+# The repo code an export runs: the model (lib/__init__ imports its parts by name, so they are listed),
+# checkpoint loading, BatchNorm folding (imported by utils.onnx_export) and the export itself.
+EXPORT_MODULES = ("lib", "lib.fsanet", "lib.checkpoint", "lib.fast", "utils.onnx_export", "utils.export_cache")
+# Every library whose code reaches the graph: the model's blocks (timm's PVT-v2 and its checkpoint filter,
+# torchvision's ResNet), the exporter and its graph passes (onnxscript, onnx-ir), the file format.
+EXPORT_LIBRARIES = ("torch", "torchvision", "timm", "onnx", "onnxscript", "onnx-ir", "numpy")
+SCRATCH_PREFIX = "fsanet-cache-"
+MEMO_NAME = "checkpoint_digests.json"
 
 
 class RuntimeUnavailable(FSANetError):
@@ -49,90 +63,96 @@ class ExportSpec:
     freq_encoder: str = "resnet50"
 
 
-def usable_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """`cache_dir` (or the default) when it can be written, else a fresh temporary folder, with a warning."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
-            pass
-        return root
-    except OSError as e:
-        fallback = Path(tempfile.mkdtemp(prefix="fsanet-cache-"))
-        log.warning("cache folder %s is not writable (%s); using %s for this run (pass --cache_dir)",
-                    root, e.strerror or e, fallback)
-        return fallback
+# exporter(spec, checkpoint bytes, path): writes the ONNX export of exactly those bytes to `path`; seconds taken.
+Exporter = Callable[[ExportSpec, bytes, Path], float]
+
+
+class DigestMemo:
+    """Checkpoint digests remembered in a JSON file by a stamp no in-place rewrite keeps (utils.cache_keys)."""
+
+    def __init__(self, file: Path) -> None:
+        """Digests live in `file` (a damaged or unwritable one only costs a hash)."""
+        self.file = file
+
+    def _entries(self) -> dict:
+        """The remembered entries by resolved path ({} when the file is missing or damaged)."""
+        try:
+            memo = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return memo if isinstance(memo, dict) else {}
+
+    def lookup(self, path: Path) -> str | None:
+        """The remembered SHA-256 of `path` if the file still has the stamp it had when hashed, else None."""
+        try:
+            stamp = list(file_stamp(os.stat(path)))
+        except OSError:
+            return None
+        entry = self._entries().get(str(path.resolve()))
+        if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+        return None
+
+    def remember(self, path: Path, digest: str, stamp: tuple[int, ...] | None) -> None:
+        """Remember `digest` for `path` under `stamp` (None: the file was changing, nothing is remembered)."""
+        if stamp is None:
+            return
+        memo = self._entries()
+        memo[str(path.resolve())] = {"stamp": list(stamp), "sha256": digest}
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.file) as tmp:
+                tmp.write_text(json.dumps(memo, indent=1, sort_keys=True))
+        except OSError as e:  # only a speed-up is lost
+            log.debug("could not remember the digest of %s in %s: %s", path, self.file, e)
+
+    def sha256(self, path: Path) -> str:
+        """SHA-256 of `path`: remembered, or hashed from the open file (and remembered if it held still)."""
+        digest = self.lookup(path)
+        if digest is None:
+            digest, stamp = stamped_sha256(path)
+            self.remember(path, digest, stamp)
+        return digest
+
+    def read(self, path: Path) -> tuple[bytes, str]:
+        """The bytes of `path` and their SHA-256, from one read (remembered if the file held still)."""
+        data, digest, stamp = read_hashed_stamped(path)
+        self.remember(path, digest, stamp)
+        return data, digest
 
 
 def remembered_sha256(path: Path, memo_file: Path) -> str:
-    """SHA-256 of `path`, read from `memo_file` when the file's size, time stamp and inode are those hashed."""
-    st = path.stat()
-    key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    memo = memo if isinstance(memo, dict) else {}
-    entry = memo.get(key)
-    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
-        return entry["sha256"]
-    digest = file_sha256(path)
-    if time.time() - st.st_mtime_ns / 1e9 > RACY_SECONDS:
-        memo[key] = {"stamp": stamp, "sha256": digest}
-        try:
-            memo_file.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(memo_file) as tmp:
-                tmp.write_text(json.dumps(memo, indent=1, sort_keys=True))
-        except OSError as e:  # only a speed-up is lost
-            log.debug("could not remember the digest of %s in %s: %s", path, memo_file, e)
-    return digest
+    """SHA-256 of `path`, read from `memo_file` when the file still has the stamp it had when hashed."""
+    return DigestMemo(memo_file).sha256(Path(path))
 
 
-def package_version(name: str) -> str:
-    """Installed version of distribution `name` (without importing it), or "none"."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "none"
+def _checkpoint_error(spec: ExportSpec, error: OSError | None = None) -> FSANetError:
+    """The CheckpointError of a checkpoint that is missing or cannot be read."""
+    from lib.checkpoint import CheckpointError
+
+    if error is None or isinstance(error, FileNotFoundError):
+        return CheckpointError(f"checkpoint not found: {spec.checkpoint}")
+    return CheckpointError(f"{spec.checkpoint}: cannot read the checkpoint ({os_reason(error)})")
 
 
-def source_digest(root: Path = ROOT) -> str:
-    """SHA-256 over the Python sources that define the exported graph."""
-    digest = hashlib.sha256()
-    for name in GRAPH_SOURCES:
-        path = root / name
-        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(file.relative_to(root).as_posix().encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
-
-
-def cache_fields(spec: ExportSpec, memo_file: Path | None = None) -> dict[str, object]:
-    """Everything an export depends on; entries whose recorded fields differ are never used."""
-    checkpoint = Path(spec.checkpoint)
-    if not checkpoint.is_file():
-        from lib.checkpoint import CheckpointError
-        raise CheckpointError(f"checkpoint not found: {spec.checkpoint}")
-    weights = remembered_sha256(checkpoint, memo_file) if memo_file is not None else file_sha256(checkpoint)
-    fields: dict[str, object] = {"format": CACHE_FORMAT, "checkpoint_sha256": weights,
-                                 "testsize": spec.testsize, "freq_encoder": spec.freq_encoder,
-                                 "code_sha256": source_digest()}
-    fields.update({name: package_version(name) for name in EXPORT_LIBRARIES})
-    return fields
+def cache_fields(spec: ExportSpec, checkpoint_sha256: str) -> dict[str, object]:
+    """Everything the export of `spec` (whose checkpoint bytes hash to `checkpoint_sha256`) depends on."""
+    return computation_fields(EXPORT_MODULES, EXPORT_LIBRARIES, format=CACHE_FORMAT,
+                              checkpoint_sha256=checkpoint_sha256, testsize=spec.testsize,
+                              freq_encoder=spec.freq_encoder)
 
 
 def cache_key(fields: dict[str, object]) -> str:
     """A file name for the entry with these fields."""
-    blob = json.dumps(fields, sort_keys=True).encode()
-    return f"fsanet-{fields['freq_encoder']}-{fields['testsize']}-{hashlib.sha256(blob).hexdigest()[:20]}"
+    return f"fsanet-{fields['freq_encoder']}-{fields['testsize']}-{fields_digest(fields)[:20]}"
 
 
-def export_checkpoint(spec: ExportSpec, path: Path) -> float:
-    """Load the checkpoint (lib.checkpoint, weights_only) and write its ONNX export to `path`; seconds taken."""
+def export_checkpoint(spec: ExportSpec, weights: bytes, path: Path) -> float:
+    """Build FSANet from the checkpoint bytes `weights` (weights_only) and write its ONNX export to `path`."""
     from lib import FSANet, load_checkpoint
     from utils.onnx_export import ExportError, export_onnx
 
-    model = load_checkpoint(FSANet(freq_encoder=spec.freq_encoder), spec.checkpoint)
+    model = load_checkpoint(FSANet(freq_encoder=spec.freq_encoder), weights, str(spec.checkpoint))
     try:
         return export_onnx(model, path, spec.testsize)
     except (ExportError, ImportError) as e:
@@ -142,20 +162,33 @@ def export_checkpoint(spec: ExportSpec, path: Path) -> float:
 class ExportCache:
     """ONNX exports of checkpoints on disk: verified on every use, rebuilt when missing or corrupt."""
 
-    def __init__(self, root: Path, exporter: Callable[[ExportSpec, Path], float] = export_checkpoint) -> None:
-        """Entries live in `root/onnx/`; `exporter(spec, path)` writes one (tests may replace it)."""
-        self.folder = root / "onnx"
-        self.exporter = exporter
+    def __init__(self, root: str | os.PathLike | None = None, exporter: Exporter | None = None) -> None:
+        """Entries live in `root/onnx/` (default root: utils.cache_keys.default_cache_dir());
+        `exporter(spec, weights, path)` writes one (default: export_checkpoint; tests may replace it)."""
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.folder = self.root / "onnx"
+        self.exporter = exporter or export_checkpoint
+        self.memo = DigestMemo(self.folder / MEMO_NAME)
         self.last_export_seconds: float | None = None
+        self.scratch: tempfile.TemporaryDirectory | None = None
+        try:  # what a killed or failed run left: half-written exports and records, temporary exports
+            remove_orphaned_temps(self.folder, (".onnx", ".json"))
+            remove_orphaned_scratch(SCRATCH_PREFIX)
+        except OSError as e:  # an unreadable folder holds no entry either
+            log.debug("could not look for temporary files in %s: %s", self.folder, e)
 
-    def paths(self, fields: dict[str, object]) -> tuple[Path, Path]:
-        """(model file, record file) of the entry with these fields."""
+    def paths(self, fields: dict[str, object], folder: Path | None = None) -> tuple[Path, Path]:
+        """(model file, record file) of the entry with these fields (in `folder`, default the cache's)."""
         key = cache_key(fields)
-        return self.folder / f"{key}.onnx", self.folder / f"{key}.json"
+        folder = self.folder if folder is None else folder
+        return folder / f"{key}.onnx", folder / f"{key}.json"
 
     def fields(self, spec: ExportSpec) -> dict[str, object]:
         """cache_fields of `spec`, with the checkpoint's digest remembered in this cache."""
-        return cache_fields(spec, self.folder / "checkpoint_digests.json")
+        try:
+            return cache_fields(spec, self.memo.sha256(Path(spec.checkpoint)))
+        except OSError as e:
+            raise _checkpoint_error(spec, e) from None
 
     def get(self, spec: ExportSpec) -> Path:
         """The verified ONNX file of `spec`, exporting it first when there is no sound entry."""
@@ -174,7 +207,7 @@ class ExportCache:
         model_path, record_path = self.paths(fields)
         problem = self.check(fields, model_path, record_path, checksum=False)
         if problem is not None:
-            return self.rebuild(spec, problem, fields), None
+            return self.rebuild(spec, problem), None
         log.debug("ONNX cache hit: %s", model_path)
         # hashlib and file reads release the GIL: the check runs beside the caller's compile.
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-checksum")
@@ -182,14 +215,40 @@ class ExportCache:
         pool.shutdown(wait=False)
         return model_path, future
 
-    def rebuild(self, spec: ExportSpec, problem: str, fields: dict[str, object] | None = None) -> Path:
-        """Export `spec` again (its entry is missing, foreign or corrupt: `problem` says which)."""
-        fields = fields if fields is not None else self.fields(spec)
-        model_path, record_path = self.paths(fields)
+    def rebuild(self, spec: ExportSpec, problem: str) -> Path:
+        """Export `spec` again (its entry is missing, foreign or corrupt: `problem` says which).
+
+        The checkpoint is read once: the entry's key names the digest of the very bytes the model is built
+        from, even when the file is rewritten meanwhile. A cache that cannot take the file (full,
+        read-only) costs no run: the export goes to a temporary folder instead, with one warning.
+        """
+        try:
+            weights, digest = self.memo.read(Path(spec.checkpoint))
+        except OSError as e:
+            raise _checkpoint_error(spec, e) from None
+        fields = cache_fields(spec, digest)
         log.info("exporting %s to ONNX at %d x %d (%s; once per checkpoint and size, about half a minute)",
                  spec.checkpoint, spec.testsize, spec.testsize, problem)
+        try:
+            return self._export_into(self.folder, spec, weights, fields)
+        except OSError as e:
+            cache_error = e
+        try:
+            path = self._export_into(self.scratch_folder(), spec, weights, fields)
+        except OSError as e:
+            raise RuntimeUnavailable(f"cannot write the ONNX export of {spec.checkpoint}: {self.folder}: "
+                                     f"{os_reason(cache_error)}, and the temporary folder: {os_reason(e)}; "
+                                     "free some space, pass a writable --cache_dir, or use --runtime torch") from None
+        log.warning("cannot write the ONNX export to the cache %s (%s): exported to a temporary folder for this "
+                    "run only; free some space or pass a writable --cache_dir to keep it",
+                    self.folder, os_reason(cache_error))
+        return path
+
+    def _export_into(self, folder: Path, spec: ExportSpec, weights: bytes, fields: dict[str, object]) -> Path:
+        """Export `weights` as the entry `fields` in `folder` (model first, then its record); its model path."""
+        model_path, record_path = self.paths(fields, folder)
         with atomic_path(model_path) as tmp:
-            seconds = self.exporter(spec, tmp)
+            seconds = self.exporter(spec, weights, tmp)
             record = dict(fields, onnx_sha256=file_sha256(tmp), onnx_bytes=tmp.stat().st_size,
                           export_seconds=round(seconds, 2))
         # The record goes last: a reader that finds it also finds the complete model it describes.
@@ -197,6 +256,37 @@ class ExportCache:
             tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
         self.last_export_seconds = seconds
         return model_path
+
+    def scratch_folder(self) -> Path:
+        """This run's temporary folder for an export the cache cannot hold (made on first use)."""
+        if self.scratch is None:
+            self.scratch = scratch_dir(SCRATCH_PREFIX)
+        return Path(self.scratch.name)
+
+    def in_cache(self, model_path: Path) -> bool:
+        """True for an entry of the cache folder, False for one in this run's temporary folder."""
+        return model_path.parent == self.folder
+
+    def release_scratch(self) -> None:
+        """Remove this run's temporary folder (once the runtime has loaded what it held)."""
+        if self.scratch is not None:
+            self.scratch.cleanup()
+            self.scratch = None
+
+    def recorded_sha256(self, model_path: Path) -> str | None:
+        """The SHA-256 the record of the entry at `model_path` gives its model file, or None."""
+        try:
+            digest = json.loads(model_path.with_suffix(".json").read_text()).get("onnx_sha256")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return digest if isinstance(digest, str) else None
+
+    def recorded_digests(self) -> set[str]:
+        """The model SHA-256 of every entry the cache folder holds (by their records)."""
+        try:
+            return {d for p in self.folder.glob("*.onnx") if (d := self.recorded_sha256(p)) is not None}
+        except OSError:
+            return set()
 
     @staticmethod
     def check(fields: dict[str, object], model_path: Path, record_path: Path, checksum: bool = True) -> str | None:

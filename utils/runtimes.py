@@ -3,21 +3,26 @@
 A runner has the interface test.py's pipeline uses of the PyTorch model: `eval()` and
 `predict(images) -> logits` (B x 3 x S x S normalised float32 in, B x 1 x S x S float32 torch
 tensor out), so pre- and post-processing stay the release's. The ONNX file comes from
-utils.export_cache; OpenVINO's own compile cache goes to `<cache>/openvino/`.
+utils.export_cache; OpenVINO's own compile cache goes to `<cache>/openvino/<ONNX SHA-256>-<openvino
+version>/`, so a compiled blob is only ever reused for the bytes it was compiled from; the folders of
+exports the cache no longer holds are removed, and so is a blob compiled from an entry found corrupt.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from utils.cache_keys import library_versions
 from utils.errors import RunError
-from utils.export_cache import ExportCache, ExportSpec, RuntimeUnavailable, usable_cache_dir
+from utils.export_cache import ExportCache, ExportSpec, RuntimeUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +78,8 @@ class OpenVINORunner(ExportedRunner):
     def __init__(self, onnx_path: Path, testsize: int, precision: str = "f32",
                  compile_cache: Path | None = None) -> None:
         """Compile `onnx_path` with `precision` ("f32" or "bf16") using OpenVINO's cache in `compile_cache`."""
-        import openvino as ov
-
-        core = ov.Core()
-        if compile_cache is not None:
-            core.set_property({"CACHE_DIR": str(compile_cache)})
         start = time.perf_counter()
-        try:
-            self.compiled = core.compile_model(str(onnx_path), "CPU", {
-                "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
-        except RuntimeError as e:
-            raise RuntimeUnavailable(f"OpenVINO could not compile {onnx_path}: {_first_line(e)}") from None
+        self.compiled = _compile_openvino(onnx_path, precision, compile_cache)
         self.compile_seconds = time.perf_counter() - start
         shape = self.compiled.input(0).get_partial_shape()
         self.batch = shape[0].get_length() if shape[0].is_static else None
@@ -127,6 +123,25 @@ class OnnxRuntimeRunner(ExportedRunner):
         return self.session.run(None, {self.input_name: images})[0]
 
 
+def _compile_openvino(onnx_path: Path, precision: str, compile_cache: Path | None) -> object:
+    """`onnx_path` compiled by OpenVINO for the CPU; without its cache when the cache folder cannot be used."""
+    import openvino as ov
+
+    options = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if compile_cache is not None:
+        try:
+            core = ov.Core()
+            core.set_property({"CACHE_DIR": str(compile_cache)})
+            return core.compile_model(str(onnx_path), "CPU", options)
+        except RuntimeError as e:  # a full or read-only cache folder: the compile itself may still work
+            log.debug("OpenVINO failed with its compile cache in %s (%s); compiling without it",
+                      compile_cache, _first_line(e))
+    try:
+        return ov.Core().compile_model(str(onnx_path), "CPU", options)
+    except RuntimeError as e:
+        raise RuntimeUnavailable(f"OpenVINO could not compile {onnx_path}: {_first_line(e)}") from None
+
+
 class RuntimeFault(RunError):
     """An exported runtime failed while running (after compiling): exit 1, the maps already written kept."""
 
@@ -166,27 +181,81 @@ def load_runner(runtime: str, spec: ExportSpec, amp: str | None = None,
     if amp not in OPENVINO_PRECISION:
         raise RuntimeUnavailable(f"--amp {amp} with --runtime {runtime}: only bf16 is supported on the CPU")
     _require(runtime, runtime)
-    root = usable_cache_dir(cache_dir)
-    cache = ExportCache(root)
-    model_path, checksum = cache.get_checking(spec)
-    error = None
+    cache = ExportCache(cache_dir)
     try:
-        runner = _compile(runtime, model_path, spec.testsize, amp, root)
+        return _load_checked(runtime, cache, spec, amp)
+    finally:
+        cache.release_scratch()  # a temporary export is no longer needed once loaded
+
+
+def _load_checked(runtime: str, cache: ExportCache, spec: ExportSpec, amp: str | None) -> ExportedRunner:
+    """The entry of `spec` compiled while its checksum is checked; exported and compiled again if corrupt."""
+    model_path, checksum = cache.get_checking(spec)
+    compiles = runtime == "openvino"  # onnxruntime keeps no compile cache
+    fresh = cache.last_export_seconds is not None
+    compile_dir = compile_cache_dir(cache, model_path, fresh) if compiles else None
+    runner, error = None, None
+    try:
+        runner = _compile(runtime, model_path, spec.testsize, amp, compile_dir)
     except RuntimeUnavailable as e:
         error = e  # a corrupt file may be the cause: the checksum says
     problem = checksum.result() if checksum is not None else None
-    if problem is not None:  # what was compiled came from a corrupt entry: export and compile again
-        return _compile(runtime, cache.rebuild(spec, problem), spec.testsize, amp, root)
+    if problem is not None:  # what was compiled came from a corrupt entry: its blob goes; export and compile again
+        runner = None
+        if compile_dir is not None:
+            shutil.rmtree(compile_dir, ignore_errors=True)
+        model_path = cache.rebuild(spec, problem)
+        compile_dir = compile_cache_dir(cache, model_path, fresh=True) if compiles else None
+        return _compile(runtime, model_path, spec.testsize, amp, compile_dir)
     if error is not None:
         raise error
     return runner
 
 
+def compile_folder_name(onnx_sha256: str) -> str:
+    """The compile cache folder of an ONNX file: its content digest and the OpenVINO version."""
+    return f"{onnx_sha256[:32]}-openvino-{library_versions(['openvino'])['openvino']}"
+
+
+def compile_cache_dir(cache: ExportCache, model_path: Path, fresh: bool = False) -> Path | None:
+    """OpenVINO's compile cache folder for the entry at `model_path` (emptied when the entry is `fresh`ly
+    exported); the folders of entries the cache no longer holds go. None for an entry in this run's
+    temporary folder, or when the folder cannot be made (OpenVINO then compiles without a cache)."""
+    digest = cache.recorded_sha256(model_path)
+    if digest is None or not cache.in_cache(model_path):
+        return None
+    base, name = cache.root / "openvino", compile_folder_name(digest)
+    keep = {compile_folder_name(d) for d in cache.recorded_digests()} | {name}
+    _remove_all_but(base, keep if not fresh else keep - {name})
+    try:
+        (base / name).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.debug("no OpenVINO compile cache (%s: %s)", base / name, e)
+        return None
+    return base / name
+
+
+def _remove_all_but(folder: Path, keep: set[str]) -> None:
+    """Delete what `folder` holds except the entries named in `keep` (errors ignored: a read-only cache)."""
+    try:
+        entries = [p for p in folder.iterdir() if p.name not in keep]
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+    if entries:
+        log.debug("removed %d stale OpenVINO compile cache entries from %s", len(entries), folder)
+
+
 def _compile(runtime: str, model_path: Path, testsize: int, amp: str | None,
-             root: Path) -> ExportedRunner:
-    """The ONNX file at `model_path` loaded into `runtime` (OpenVINO's compile cache under `root`)."""
+             compile_dir: Path | None) -> ExportedRunner:
+    """The ONNX file at `model_path` loaded into `runtime` (OpenVINO's compile cache in `compile_dir`)."""
     if runtime == "openvino":
-        return OpenVINORunner(model_path, testsize, OPENVINO_PRECISION[amp], root / "openvino")
+        return OpenVINORunner(model_path, testsize, OPENVINO_PRECISION[amp], compile_dir)
     return OnnxRuntimeRunner(model_path, testsize)
 
 

@@ -305,7 +305,7 @@ def predict_job(model: nn.Module, job: Job, options: InferenceOptions,
         for batch in loader:
             _record_failures(batch, todo, summary)
             if batch.images is not None:
-                _predict_batch(model, batch, todo, job.save_dir, options, summary)
+                _predict_batch(model, batch, todo, job, options, summary)
             bar.update(len(batch))
     summary.seconds += time.perf_counter() - start
     return summary
@@ -318,7 +318,7 @@ def _record_failures(batch: Batch, paths: Sequence[Path], summary: InferenceSumm
         summary.failed.append((paths[sample.index], sample.error))
 
 
-def _predict_batch(model: nn.Module, batch: Batch, paths: Sequence[Path], save_dir: Path,
+def _predict_batch(model: nn.Module, batch: Batch, paths: Sequence[Path], job: Job,
                    options: InferenceOptions, summary: InferenceSummary) -> None:
     """Run the model on one batch and write one map per image at that image's own size."""
     images = batch.images.to(options.device, non_blocking=True)
@@ -326,9 +326,9 @@ def _predict_batch(model: nn.Module, batch: Batch, paths: Sequence[Path], save_d
         p1 = model.predict(images)
     with torch.inference_mode():
         for logits, index, size in zip(p1, batch.indices, batch.sizes):
-            target = map_path(save_dir, paths[index])
+            target = map_path(job.save_dir, paths[index])
             try:
-                write_output(logits_to_map(logits, size), paths[index], target, options.save_mode)
+                write_output(logits_to_map(logits, size), paths[index], target, options.save_mode, job.exif)
             except (OSError, ImageReadError) as e:  # rgba/overlay read the image again
                 log.warning("could not write %s: %s", target, e)
                 summary.failed.append((paths[index], f"{target}: cannot write map ({e})"))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipelines import inference
 
@@ -303,3 +303,38 @@ def test_fast_decode_keeps_map_size_and_nearly_the_same_map(release_model: torch
     diff = np.abs(fast.astype(int) - exact)
     # Measured: mean 0.97 (decoded at 1/8 scale); a zero difference would mean the full decode ran.
     assert 0 < diff.mean() < 2.5, diff.mean()
+
+
+def test_every_save_mode_follows_exif_orientation(capsys: pytest.CaptureFixture, release_ckpt: Path,
+                                                  tmp_path: Path) -> None:
+    """Rotated photos (EXIF 3, 6, 8): every output has the displayed orientation, its pixels and map aligned."""
+    from utils.cutout import SAVE_MODES
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    displayed = {}
+    for orientation in (3, 6, 8):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = photos / f"o{orientation}.jpg"
+        Image.fromarray(scene(72, 48, seed=orientation)).save(path, quality=95, exif=exif)
+        with Image.open(path) as im:
+            displayed[path.stem] = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    outputs = {}
+    for mode in SAVE_MODES:
+        code, err = run_main(capsys, "--pth_path", release_ckpt, "--input", photos, "--save_root", tmp_path / mode,
+                             "--testsize", SMALL, "--runtime", "torch", "--save_mode", mode)
+        assert code == 0 and "Traceback" not in err, (mode, err)
+        outputs[mode] = {stem: np.asarray(Image.open(tmp_path / mode / f"{stem}.png")) for stem in displayed}
+    for stem, rgb in displayed.items():
+        prediction = outputs["map"][stem]
+        assert prediction.shape == rgb.shape[:2], stem  # 6 and 8: 48 wide, 72 high
+        for mode in SAVE_MODES:
+            assert outputs[mode][stem].shape[:2] == rgb.shape[:2], (mode, stem)
+        rgba = outputs["rgba"][stem]
+        assert np.array_equal(rgba[..., 3], prediction), stem
+        opaque = prediction == 255
+        assert opaque.any() and np.array_equal(rgba[..., :3][opaque], rgb[opaque]), stem
+        # The overlay leaves the photo untouched where the map is 0: the displayed photo, not the stored one.
+        clear = prediction == 0
+        assert clear.any() and np.array_equal(outputs["overlay"][stem][clear], rgb[clear]), stem

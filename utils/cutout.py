@@ -34,11 +34,12 @@ def _check_sizes(rgb: np.ndarray, prediction: np.ndarray) -> None:
         raise ValueError(f"map of size {prediction.shape[:2]} does not fit an image of size {rgb.shape[:2]}")
 
 
-def compose(prediction: np.ndarray, image_path: str | os.PathLike, mode: str) -> np.ndarray:
-    """What `--save_mode mode` writes for the map of the image at `image_path`."""
+def compose(prediction: np.ndarray, image_path: str | os.PathLike, mode: str, exif: bool = False) -> np.ndarray:
+    """What `--save_mode mode` writes for the map of the image at `image_path`; `exif` as the map was read."""
     if mode == "map":
         return prediction
-    rgb = np.asarray(read_rgb(image_path))  # the release's convert('RGB'): alpha dropped, palettes expanded
+    # The release's convert('RGB'): alpha dropped, palettes expanded; oriented as the map was predicted.
+    rgb = np.asarray(read_rgb(image_path, exif=exif))
     if mode == "rgba":
         return rgba_cutout(rgb, prediction)
     if mode == "overlay":
@@ -47,6 +48,9 @@ def compose(prediction: np.ndarray, image_path: str | os.PathLike, mode: str) ->
 
 
 def write_output(prediction: np.ndarray, image_path: str | os.PathLike, target: str | os.PathLike,
-                 mode: str = "map") -> Path:
-    """Write the map (`map`), the cutout (`rgba`) or the overlay (`overlay`) of one image atomically."""
-    return write_png(compose(prediction, image_path, mode), target)
+                 mode: str = "map", exif: bool = False) -> Path:
+    """Write the map (`map`), the cutout (`rgba`) or the overlay (`overlay`) of one image atomically.
+
+    `exif`: the map has the image's displayed (EXIF-oriented) orientation, so the pixels are read so too.
+    """
+    return write_png(compose(prediction, image_path, mode, exif), target)

@@ -328,7 +328,13 @@ def test_rgba_and_overlay_outputs(torch_model: torch.nn.Module, tmp_path: Path) 
         source = read_png(photos / name)[..., :3]
         assert prediction.shape == (height, width)
         assert rgba.shape == (height, width, 4) and np.array_equal(rgba[..., 3], prediction)
-        assert np.array_equal(rgba[..., :3], source)
+        # The foreground colours are estimated where the map is fractional; opaque pixels are the photo's.
+        opaque = prediction == 255
+        assert np.array_equal(rgba[..., :3][opaque], source[opaque])
+        assert not np.array_equal(rgba[..., :3][~opaque], source[~opaque])
+        for mode in ("green", "blur", "white"):
+            assert outputs[mode][name].shape == (height, width, 3)
+            assert np.array_equal(outputs[mode][name][opaque], source[opaque])
         assert tinted.shape == (height, width, 3)
         # Where the map is 0 the overlay is the image; where it is 255 it is tinted.
         assert np.array_equal(tinted[prediction == 0], source[prediction == 0])

@@ -385,3 +385,26 @@ def test_export_script_checks_with_onnxruntime(exported: Path, release_ckpt: Pat
     assert script.main([*base[:-1], str(tmp_path / "model.bin")]) == 2
     assert script.main([*base[:2], "--testsize", "100", "--output", str(out)]) == 2
     assert real_export is not copy_export
+
+
+@pytest.mark.slow
+def test_video_runs_under_every_runtime(exported: Path, release_ckpt: Path, cache_root: Path,
+                                        torch_model: torch.nn.Module, tmp_path: Path) -> None:
+    """A video goes through the same runtime abstraction as images: OpenVINO and onnxruntime give torch's maps."""
+    from pipelines import video
+    from tests.test_video import read_clip, write_clip
+
+    source = tmp_path / "clip.avi"
+    write_clip(source, 3)
+    options = inference.InferenceOptions(testsize=SIZE, save_mode="map")
+    decoded = {}
+    for runtime in ("torch", "openvino", "onnxruntime"):
+        model = torch_model if runtime == "torch" else inference.load_predictor(
+            release_ckpt, "resnet50", options, runtime, cache_root)
+        job = video.video_job(source, tmp_path / runtime, "map")
+        assert video.predict_video(model, job, options).written == 3
+        decoded[runtime], fps = read_clip(job.target)
+        assert len(decoded[runtime]) == 3 and fps == 12.0
+    for runtime in ("openvino", "onnxruntime"):
+        for ours, theirs in zip(decoded[runtime], decoded["torch"]):
+            assert np.abs(ours.astype(int) - theirs).mean() < 2, runtime

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def output_of(args: argparse.Namespace) -> Path:
     """The video file (or rgba's PNG folder) a video --input is written to."""
-    return video_target(args.input, args.save_root, "rgba" if args.save_mode == "rgba" else "video")
+    return video_target(args.input, args.save_root, save_mode(args))
 
 
 def progress(summary: InferenceSummary, args: argparse.Namespace) -> str:

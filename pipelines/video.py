@@ -54,11 +54,7 @@ class VideoJob:
 
     source: Path
     target: Path
-
-    @property
-    def png_sequence(self) -> bool:
-        """Whether the frames are written as PNG files (rgba: video containers carry no alpha)."""
-        return self.target.suffix != OUTPUT_SUFFIX
+    png_sequence: bool = False  # rgba: PNG files in the folder `target` (video containers carry no alpha)
 
 
 def is_video(path: str | os.PathLike) -> bool:
@@ -68,7 +64,8 @@ def is_video(path: str | os.PathLike) -> bool:
 
 
 def video_target(source: str | os.PathLike, save_root: str | os.PathLike, mode: str) -> Path:
-    """Where the output of `source` goes: `<save_root>/<stem>.mp4`, or the folder `<save_root>/<stem>` for rgba."""
+    """Where the output of `source` in save mode `mode` goes: `<save_root>/<stem>.mp4`, or for rgba the folder
+    `<save_root>/<stem>`."""
     stem = Path(source).stem
     return Path(save_root) / (stem if mode == "rgba" else stem + OUTPUT_SUFFIX)
 
@@ -89,24 +86,25 @@ def video_job(source: str | os.PathLike, save_root: str | os.PathLike, mode: str
                                  "cannot read); check the file")
     finally:
         capture.release()
-    return VideoJob(source, target)
+    return VideoJob(source, target, png_sequence=mode == "rgba")
 
 
 def open_video(path: Path) -> tuple[cv2.VideoCapture, float, int]:
-    """(capture, frames per second, frame count stated by the container, 0 if none); refused if unreadable."""
+    """(capture, frame rate, frame count) as the container states them (0 if it does not); refused if unreadable."""
     # FFmpeg's own log lines (a cut file's "overread", "File ended prematurely") would bypass our one
     # warning; read when OpenCV's FFmpeg backend starts, so set before the first capture.
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
     if not capture.isOpened():
-        raise InferenceError(f"{path}: cannot open the video (not a video, or cut before its index: an mp4 or "
-                             "mov written to its end only is unreadable); check the file")
-    fps = capture.get(cv2.CAP_PROP_FPS)
-    if not math.isfinite(fps) or fps <= 0:
-        log.warning("%s: the container states no frame rate; writing %g frames/s", path, FALLBACK_FPS)
-        fps = FALLBACK_FPS
-    count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
-    return capture, fps, int(count) if math.isfinite(count) and count > 0 else 0
+        raise InferenceError(f"{path}: cannot open the video (not a video, or an mp4/mov cut before its index "
+                             "was written); check the file")
+    fps, count = (capture.get(p) for p in (cv2.CAP_PROP_FPS, cv2.CAP_PROP_FRAME_COUNT))
+    return capture, _positive(fps), int(_positive(count))
+
+
+def _positive(value: float) -> float:
+    """`value` when it is a finite positive number, else 0 (OpenCV's answer for a property it does not know)."""
+    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 class FrameSink:
@@ -180,6 +178,9 @@ def predict_video(model: torch.nn.Module, job: VideoJob, options: InferenceOptio
     summary = InferenceSummary() if summary is None else summary
     start = time.perf_counter()
     capture, fps, count = open_video(job.source)
+    if not fps:
+        log.warning("%s: the container states no frame rate; writing %g frames/s", job.source, FALLBACK_FPS)
+        fps = FALLBACK_FPS
     model.eval()
     if job.png_sequence:
         job.target.mkdir(parents=True, exist_ok=True)

@@ -165,8 +165,8 @@ def output_of(args: argparse.Namespace) -> Path:
 def progress(summary: InferenceSummary, args: argparse.Namespace) -> str:
     """What an interrupted run did, and how to finish it."""
     if is_video(args.input or ""):
-        return (f"{summary.written} frames written to {output_of(args)} (playable); "
-                "rerun to predict the whole video")
+        kept = "" if save_mode(args) == "rgba" else " (playable)"
+        return f"{summary.written} frames written to {output_of(args)}{kept}; rerun to predict the whole video"
     return (f"{summary.written} maps written to {args.save_root}, {summary.skipped} skipped (map exists), "
             f"{len(summary.failed)} failed; rerun with --skip_existing to finish")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -21,15 +22,19 @@ from pipelines.inference import (
     dis5k_jobs,
     folder_job,
     load_predictor,
+    output_style,
     predict_jobs,
 )
+from pipelines.video import is_video, predict_video, video_job, video_target
 from utils.atomic import check_writable_dir
-from utils.cutout import SAVE_MODES
+from utils.cutout import IMAGE_BACKGROUND, SAVE_MODES
 from utils.device import AMP_CHOICES, resolve_device
 from utils.dis5k import EVAL_SPLITS
 from utils.errors import EXIT_FAILED, EXIT_OK
 from utils.imageio import DEFAULT_MAX_PIXELS, set_max_pixels
 from utils.runtimes import RUNTIMES, HFlipTTA
+
+log = logging.getLogger("test")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,9 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="DIS5K folder holding the --datasets splits, each with im/ (or Imgs/)")
     p.add_argument("--datasets", nargs="+", default=list(EVAL_SPLITS),
                    help="splits under --data_root to predict; maps go to <save_root>/<name>/<stem>.png")
-    p.add_argument("--input", metavar="DIR",
-                   help="predict every image in DIR instead of DIS5K (no masks needed); "
-                        "maps go to <save_root>/<stem>.png")
+    p.add_argument("--input", metavar="DIR|VIDEO",
+                   help="predict every image in DIR instead of DIS5K (no masks needed; maps go to "
+                        "<save_root>/<stem>.png), or every frame of a video file (mp4, m4v, mov, avi, mkv, webm; "
+                        "written to <save_root>/<stem>.mp4 at the same frame rate and size, rgba: PNG frames "
+                        "in <save_root>/<stem>/)")
     p.add_argument("--save_root", default="results/FSANet", help="folder the maps are written to")
     p.add_argument("--freq_encoder", choices=FREQ_ENCODER_NAMES, default="resnet50",
                    help="frequency encoder the checkpoint was trained with (release: resnet50)")
@@ -70,9 +77,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache_dir", default=None,
                    help="folder of the ONNX export and OpenVINO compile caches "
                         "(default: $XDG_CACHE_HOME/fsanet or ~/.cache/fsanet)")
-    p.add_argument("--save_mode", choices=SAVE_MODES, default="map",
-                   help="map: the 8-bit map (release); rgba: the image with the map as alpha; "
-                        "overlay: the map tinted over the image (a visual check)")
+    p.add_argument("--save_mode", choices=SAVE_MODES, default=None,
+                   help="map: the 8-bit map (release, the default); rgba: the image with the map as alpha; "
+                        "overlay: the map tinted over the image (a visual check); green, blur, white: the object "
+                        "over a green screen, the photo blurred, or white (composited in sRGB)")
+    p.add_argument("--background", metavar="IMAGE", default=None,
+                   help="write the object over IMAGE (resized to each photo's size, composited in sRGB) "
+                        "instead of the map; replaces --save_mode")
+    p.add_argument("--no_refine_foreground", dest="refine_foreground", action="store_false",
+                   help="rgba, green, blur, white and --background: keep the photo's own RGB where the map is "
+                        "fractional instead of estimating the foreground colour (blur fusion, Forte & Pitie "
+                        "2021), which removes the old background's fringe; opaque pixels are the photo's either way")
     p.add_argument("--tta", choices=("none", "hflip"), default="none",
                    help="hflip: average the logits of each image and its mirror image "
                         "(test-time augmentation; not part of the release's protocol)")
@@ -84,29 +99,52 @@ def predict(args: argparse.Namespace, summary: InferenceSummary) -> InferenceSum
     options = InferenceOptions(testsize=args.testsize, device=resolve_device(args.device),
                                batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp,
                                fast_decode=args.fast_decode, skip_existing=args.skip_existing,
-                               save_mode=args.save_mode)
+                               save_mode=save_mode(args), refine_foreground=args.refine_foreground,
+                               background=None if args.background is None else Path(args.background))
     check_options(options)
     if args.max_pixels < 1:
         raise InferenceError(f"--max_pixels {args.max_pixels}: must be positive")
     set_max_pixels(args.max_pixels)
-    if args.input is not None:
+    video = args.input is not None and is_video(args.input)
+    if video:
+        job = video_job(args.input, args.save_root, options.save_mode)
+        if args.skip_existing:
+            log.warning("--skip_existing: a video is predicted again from its first frame")
+    elif args.input is not None:
         # A photo folder is shown by viewers in its EXIF orientation; the map follows it.
         jobs = [folder_job(args.input, args.save_root, exif=True)]
     else:
         jobs = dis5k_jobs(args.data_root, args.datasets, args.save_root)
     check_writable_dir(args.save_root, "--save_root")
+    style = output_style(options)
     model = load_predictor(args.pth_path, args.freq_encoder, options, args.runtime, args.cache_dir)
     if args.tta == "hflip":
         model = HFlipTTA(model)
     with logging_redirect_tqdm():
-        return predict_jobs(model, jobs, options, summary)
+        if video:
+            return predict_video(model, job, options, summary, style)
+        return predict_jobs(model, jobs, options, summary, style)
 
 
-def report(summary: InferenceSummary, save_root: str) -> None:
+def save_mode(args: argparse.Namespace) -> str:
+    """The output mode: --save_mode, or the image background of --background (the two do not combine)."""
+    if args.background is None:
+        return args.save_mode or "map"
+    if args.save_mode is not None:
+        raise InferenceError(f"--background {args.background} with --save_mode {args.save_mode}: --background "
+                             "writes the object over the image itself; drop --save_mode")
+    return IMAGE_BACKGROUND
+
+
+def report(summary: InferenceSummary, args: argparse.Namespace) -> None:
     """Print what the run wrote, skipped and could not read."""
     rate = summary.written / summary.seconds if summary.seconds else 0.0
-    print(f"{summary.written} maps written to {save_root} ({rate:.2f} images/s), "
-          f"{summary.skipped} skipped (map exists), {len(summary.failed)} failed")
+    if is_video(args.input or ""):
+        print(f"{summary.written} frames written to {output_of(args)} ({rate:.2f} frames/s)"
+              f"{', stopped early' if summary.failed else ''}")
+    else:
+        print(f"{summary.written} maps written to {args.save_root} ({rate:.2f} images/s), "
+              f"{summary.skipped} skipped (map exists), {len(summary.failed)} failed")
     for _, reason in summary.failed:
         print(f"  failed: {reason}", file=sys.stderr)
 
@@ -119,8 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda: predict_and_report(args, summary), interrupted=lambda: progress(summary, args))
 
 
+def output_of(args: argparse.Namespace) -> Path:
+    """The video file (or rgba's PNG folder) a video --input is written to."""
+    return video_target(args.input, args.save_root, save_mode(args))
+
+
 def progress(summary: InferenceSummary, args: argparse.Namespace) -> str:
     """What an interrupted run did, and how to finish it."""
+    if is_video(args.input or ""):
+        kept = "" if save_mode(args) == "rgba" else " (playable)"
+        return f"{summary.written} frames written to {output_of(args)}{kept}; rerun to predict the whole video"
     return (f"{summary.written} maps written to {args.save_root}, {summary.skipped} skipped (map exists), "
             f"{len(summary.failed)} failed; rerun with --skip_existing to finish")
 
@@ -128,7 +174,7 @@ def progress(summary: InferenceSummary, args: argparse.Namespace) -> str:
 def predict_and_report(args: argparse.Namespace, summary: InferenceSummary) -> int:
     """Write the maps and print the summary; exit 1 when some images failed."""
     predict(args, summary)
-    report(summary, args.save_root)
+    report(summary, args)
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 

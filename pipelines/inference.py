@@ -25,7 +25,7 @@ from tqdm import tqdm
 from lib.checkpoint import checkpoint_radius
 from lib.frequency import MIN_KEPT_FRACTION, narrow_band_sizes, scaled_radius
 from utils.atomic import remove_stale_temps
-from utils.cutout import SAVE_MODES, write_output
+from utils.cutout import IMAGE_BACKGROUND, SAVE_MODES, OutputStyle, load_background, write_output
 from utils.data import image_tensor
 from utils.device import AMP_CHOICES, amp_dtype, autocast
 from utils.dis5k import expected_folders, split_folders
@@ -61,7 +61,9 @@ class InferenceOptions:
     amp: str = "none"
     fast_decode: bool = False
     skip_existing: bool = False
-    save_mode: str = "map"  # utils.cutout.SAVE_MODES: the map, an RGBA cutout or an overlay
+    save_mode: str = "map"  # utils.cutout.SAVE_MODES, or IMAGE_BACKGROUND for --background
+    refine_foreground: bool = True  # estimate foreground colours for rgba and the new backgrounds
+    background: Path | None = None  # --background IMAGE (save_mode IMAGE_BACKGROUND)
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,10 @@ def check_options(options: InferenceOptions) -> None:
         raise InferenceError(f"--batch_size {options.batch_size}: must be at least 1")
     if options.num_workers < 0:
         raise InferenceError(f"--num_workers {options.num_workers}: must be 0 or more")
-    if options.save_mode not in SAVE_MODES:
+    if options.save_mode not in (*SAVE_MODES, IMAGE_BACKGROUND):
         raise InferenceError(f"--save_mode {options.save_mode}: choose one of {', '.join(SAVE_MODES)}")
+    if (options.save_mode == IMAGE_BACKGROUND) != (options.background is not None):
+        raise InferenceError("--background IMAGE sets the output itself; pass it without --save_mode")
     if options.amp not in AMP_CHOICES:
         raise InferenceError(f"--amp {options.amp}: choose one of {', '.join(AMP_CHOICES)}")
     if options.amp == "fp16" and options.device.type == "cpu":
@@ -137,6 +141,9 @@ def folder_job(input_dir: str | os.PathLike, save_dir: str | os.PathLike, name: 
                exif: bool = False) -> Job:
     """Every image directly in `input_dir`, mapped to `<save_dir>/<stem>.png`; `exif`: apply EXIF orientation."""
     input_dir, save_dir = Path(input_dir), Path(save_dir)
+    if input_dir.is_file():
+        raise InferenceError(f"{input_dir}: a file, not a folder; --input takes a folder of images or a video "
+                             "file (mp4, m4v, mov, avi, mkv, webm)")
     try:
         images = list_images(input_dir)
     except FileNotFoundError:
@@ -274,13 +281,21 @@ def map_path(save_dir: Path, image: Path) -> Path:
     return save_dir / f"{image.stem}.png"
 
 
+def output_style(options: InferenceOptions) -> OutputStyle:
+    """What the pipeline writes per image, with the --background image read once (exit 2 if unreadable)."""
+    background = load_background(options.background) if options.background is not None else None
+    return OutputStyle(options.save_mode, options.refine_foreground, background)
+
+
 def predict_job(model: nn.Module, job: Job, options: InferenceOptions,
-                summary: InferenceSummary | None = None) -> InferenceSummary:
+                summary: InferenceSummary | None = None, style: OutputStyle | None = None) -> InferenceSummary:
     """Write the map of every image of `job`; unreadable images are logged and counted, not fatal.
 
     `summary` is updated as maps are written, so a caller interrupted midway knows what was done.
+    `style`: what is written (default: from `options`).
     """
     start = time.perf_counter()
+    style = output_style(options) if style is None else style
     summary = InferenceSummary() if summary is None else summary
     remove_stale_temps(job.save_dir, (".png",))
     todo = list(job.images)
@@ -305,7 +320,7 @@ def predict_job(model: nn.Module, job: Job, options: InferenceOptions,
         for batch in loader:
             _record_failures(batch, todo, summary)
             if batch.images is not None:
-                _predict_batch(model, batch, todo, job.save_dir, options, summary)
+                _predict_batch(model, batch, todo, job, options, style, summary)
             bar.update(len(batch))
     summary.seconds += time.perf_counter() - start
     return summary
@@ -318,17 +333,22 @@ def _record_failures(batch: Batch, paths: Sequence[Path], summary: InferenceSumm
         summary.failed.append((paths[sample.index], sample.error))
 
 
-def _predict_batch(model: nn.Module, batch: Batch, paths: Sequence[Path], save_dir: Path,
-                   options: InferenceOptions, summary: InferenceSummary) -> None:
-    """Run the model on one batch and write one map per image at that image's own size."""
-    images = batch.images.to(options.device, non_blocking=True)
+def predict_logits(model: nn.Module, images: torch.Tensor, options: InferenceOptions) -> torch.Tensor:
+    """P1 logits of a B x 3 x S x S batch on `options.device` under `options.amp` (any runtime's predictor)."""
+    images = images.to(options.device, non_blocking=True)
     with torch.inference_mode(), autocast(options.device, options.amp):
-        p1 = model.predict(images)
+        return model.predict(images)
+
+
+def _predict_batch(model: nn.Module, batch: Batch, paths: Sequence[Path], job: Job, options: InferenceOptions,
+                   style: OutputStyle, summary: InferenceSummary) -> None:
+    """Run the model on one batch and write one output per image at that image's own size."""
+    p1 = predict_logits(model, batch.images, options)
     with torch.inference_mode():
         for logits, index, size in zip(p1, batch.indices, batch.sizes):
-            target = map_path(save_dir, paths[index])
+            target = map_path(job.save_dir, paths[index])
             try:
-                write_output(logits_to_map(logits, size), paths[index], target, options.save_mode)
+                write_output(logits_to_map(logits, size), paths[index], target, style, job.exif)
             except (OSError, ImageReadError) as e:  # rgba/overlay read the image again
                 log.warning("could not write %s: %s", target, e)
                 summary.failed.append((paths[index], f"{target}: cannot write map ({e})"))
@@ -353,9 +373,13 @@ def warn_narrow_band(radius: float | None, testsize: int) -> None:
 
 
 def predict_jobs(model: nn.Module, jobs: Sequence[Job], options: InferenceOptions,
-                 total: InferenceSummary | None = None) -> InferenceSummary:
-    """Run every job with one model; the summary (`total`, updated live when given) covers all of them."""
+                 total: InferenceSummary | None = None, style: OutputStyle | None = None) -> InferenceSummary:
+    """Run every job with one model; the summary (`total`, updated live when given) covers all of them.
+
+    `style`: what is written per image (default: from `options`; pass it to read --background only once).
+    """
     check_options(options)
+    style = output_style(options) if style is None else style
     model.eval()
     total = InferenceSummary() if total is None else total
     saved = torch.backends.cudnn.benchmark
@@ -364,7 +388,7 @@ def predict_jobs(model: nn.Module, jobs: Sequence[Job], options: InferenceOption
     torch.backends.cudnn.benchmark = saved or options.device.type == "cuda"
     try:
         for job in jobs:
-            predict_job(model, job, options, total)
+            predict_job(model, job, options, total, style)
     finally:
         torch.backends.cudnn.benchmark = saved
     return total

@@ -231,7 +231,13 @@ def test_rgba_and_overlay_outputs(torch_model: torch.nn.Module, tmp_path: Path) 
         source = read_png(photos / name)[..., :3]
         assert prediction.shape == (height, width)
         assert rgba.shape == (height, width, 4) and np.array_equal(rgba[..., 3], prediction)
-        assert np.array_equal(rgba[..., :3], source)
+        # The foreground colours are estimated where the map is fractional; opaque pixels are the photo's.
+        opaque = prediction == 255
+        assert np.array_equal(rgba[..., :3][opaque], source[opaque])
+        assert not np.array_equal(rgba[..., :3][~opaque], source[~opaque])
+        for mode in ("green", "blur", "white"):
+            assert outputs[mode][name].shape == (height, width, 3)
+            assert np.array_equal(outputs[mode][name][opaque], source[opaque])
         assert tinted.shape == (height, width, 3)
         # Where the map is 0 the overlay is the image; where it is 255 it is tinted.
         assert np.array_equal(tinted[prediction == 0], source[prediction == 0])
@@ -283,3 +289,26 @@ def test_export_script_checks_with_onnxruntime(exported: Path, release_ckpt: Pat
     assert script.main([*base[:-1], str(tmp_path / "model.bin")]) == 2
     assert script.main([*base[:2], "--testsize", "100", "--output", str(out)]) == 2
     assert real_export is not copy_export
+
+
+@pytest.mark.slow
+def test_video_runs_under_every_runtime(exported: Path, release_ckpt: Path, cache_root: Path,
+                                        torch_model: torch.nn.Module, tmp_path: Path) -> None:
+    """A video goes through the same runtime abstraction as images: OpenVINO and onnxruntime give torch's maps."""
+    from pipelines import video
+    from tests.test_video import read_clip, write_clip
+
+    source = tmp_path / "clip.avi"
+    write_clip(source, 3)
+    options = inference.InferenceOptions(testsize=SIZE, save_mode="map")
+    decoded = {}
+    for runtime in ("torch", "openvino", "onnxruntime"):
+        model = torch_model if runtime == "torch" else inference.load_predictor(
+            release_ckpt, "resnet50", options, runtime, cache_root)
+        job = video.video_job(source, tmp_path / runtime, "map")
+        assert video.predict_video(model, job, options).written == 3
+        decoded[runtime], fps = read_clip(job.target)
+        assert len(decoded[runtime]) == 3 and fps == 12.0
+    for runtime in ("openvino", "onnxruntime"):
+        for ours, theirs in zip(decoded[runtime], decoded["torch"]):
+            assert np.abs(ours.astype(int) - theirs).mean() < 2, runtime

@@ -218,8 +218,14 @@ def _background(rng: np.random.Generator, width: int, height: int, difficulty: f
     return image
 
 
-def _render(rng: np.random.Generator, width: int, height: int, difficulty: float) -> tuple[np.ndarray, np.ndarray]:
-    """One (image HxWx3 uint8, mask HxW uint8) sample at the given difficulty in [0, 1]."""
+def matting_parts(rng: np.random.Generator, width: int, height: int,
+                  difficulty: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(foreground, background) HxWx3 float32 (about 0..255, not clipped) and the object's HxW uint8 mask.
+
+    The photo is their composite `background * (1 - a) + foreground * a` with a = mask / 255 (plus sensor
+    noise in `_render`): the ground truth a foreground colour estimator or a background replacement is
+    checked against.
+    """
     mask = _object_mask(rng, width, height, difficulty)
     # The object's colour sits between the background's mean and a far colour: lower contrast when harder.
     background = _background(rng, width, height, difficulty)
@@ -229,6 +235,12 @@ def _render(rng: np.random.Generator, width: int, height: int, difficulty: float
     _distractors(background, rng, difficulty, fg)
     foreground = fg + 20 * _smooth_noise(rng, width, height, int(rng.integers(3, 10)), 3)
     foreground += rng.uniform(3, 10) * _grain(rng, width, height, 1.0)
+    return foreground, background, mask
+
+
+def _render(rng: np.random.Generator, width: int, height: int, difficulty: float) -> tuple[np.ndarray, np.ndarray]:
+    """One (image HxWx3 uint8, mask HxW uint8) sample at the given difficulty in [0, 1]."""
+    foreground, background, mask = matting_parts(rng, width, height, difficulty)
     alpha = (mask.astype(np.float32) / 255.0)[..., None]
     image = background * (1 - alpha) + foreground * alpha
     image += rng.standard_normal(image.shape, dtype=np.float32) * (2 + 4 * difficulty)

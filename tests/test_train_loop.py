@@ -66,16 +66,27 @@ def test_resume_warns_for_each_changed_decode_model_and_data_flag(caplog):
         assert f"--{flag} {new} (the checkpoint was trained with {old})" in line
 
 
-def test_failed_save_names_a_resume_file_only_when_one_exists(tmp_path, monkeypatch):
-    def full_disk(obj, path):
-        raise OSError(errno.ENOSPC, "No space left on device")
+def failing_writer(error: Exception):
+    """A stand-in for the checkpoint writer that fails as a full disk makes it fail."""
+    def write(obj: object, path: Path) -> None:
+        raise error
+    return write
 
-    monkeypatch.setattr(checkpointing, "atomic_torch_save", full_disk)
+
+def test_failed_save_names_a_resume_file_only_when_one_exists(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpointing, "atomic_torch_save",
+                        failing_writer(OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(CheckpointSaveError) as err:
         save_checkpoint({"epoch": 1}, tmp_path / "last.pth")
     message = str(err.value)
     assert "\n" not in message and "no space left on device" in message and str(tmp_path / "last.pth") in message
     assert "--pre_model" not in message and "no checkpoint of this run exists" in message
+    # PyTorch's zip writer given a path reports a short write as "unexpected pos", hiding ENOSPC.
+    monkeypatch.setattr(checkpointing, "atomic_torch_save", failing_writer(
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 258010112 vs 258010008")))
+    with pytest.raises(CheckpointSaveError, match="no space left on device") as err:
+        save_checkpoint({"epoch": 1}, tmp_path / "last.pth")
+    assert "enforce fail" not in str(err.value)
     (tmp_path / "last.pth").write_bytes(b"an earlier checkpoint")
     with pytest.raises(CheckpointSaveError) as err:
         save_checkpoint({"epoch": 4}, tmp_path / "FSANet-5.pth")

@@ -75,12 +75,19 @@ class CheckpointSaveError(RunError):
     """A checkpoint could not be written (full disk, folder gone); the previous file of that name is kept."""
 
 
+def _writer_reason(message: str) -> str:
+    """The reason in a RuntimeError of PyTorch's zip writer: a short write ("unexpected pos") is a full disk."""
+    if "unexpected pos" in message:
+        return "no space left on device (PyTorch's writer stopped short)"
+    return message.splitlines()[0] if message else "RuntimeError"
+
+
 def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
     """Write a checkpoint atomically: a crash or failed write keeps the previous file whole, no temp file left."""
     try:
         atomic_torch_save(checkpoint, path)
     except (OSError, RuntimeError) as e:
-        reason = os_reason(e) if isinstance(e, OSError) else str(e).splitlines()[0]
+        reason = os_reason(e) if isinstance(e, OSError) else _writer_reason(str(e))
         kept = f"the previous {path.name} is kept" if path.is_file() else "no earlier copy exists"
         last = path.parent / "last.pth"
         then = (f"then resume with --pre_model {last}" if last.is_file()

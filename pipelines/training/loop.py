@@ -7,7 +7,8 @@ resumes from it is `checkpointing`'s; seeds and the data order are `reproducibil
 
 With --accum_steps N, each optimiser batch is N loader batches: per rate, every micro-batch's
 forward/backward adds its share of the gradient, then one clamp and one AdaXW step, as on the whole
-batch (BatchNorm alone sees each micro-batch separately). Checkpoints fall on optimiser-batch boundaries.
+batch (BatchNorm alone sees each micro-batch separately). Checkpoints fall on optimiser-batch boundaries;
+an epoch's short last group is stepped too (`batches`, which also trims batches shrunk by undecodable files).
 
 Resuming is exact: a run stopped (even killed) after any saved epoch, or batch with --save_iters, and
 resumed from its `last.pth` ends with the same weights as one that never stopped. One exception: with

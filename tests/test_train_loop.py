@@ -211,3 +211,8 @@ def test_mid_epoch_resume_with_a_larger_batchsize_trains_the_rest_of_the_epoch(t
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/2: lr"))
     assert "over 1 batch(es)" in line and float(line.split("mean loss ")[1].split()[0]) > 0
     assert resumed.state.step == 2  # 1 step before the checkpoint, 1 after
+    resumed.state.samples = 3  # as if the checkpoint had trained 3 of the 4: one left, no batch of 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        resumed.train_epoch(1)
+    assert "epoch 1/2: nothing left to train in it" in caplog.text and resumed.state.step == 2

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +202,64 @@ def test_cache_matches_uncached_and_is_invalidated(tmp_path: Path, monkeypatch: 
     fresh = TrainDataset(split, trainsize=24)[0]
     assert torch.equal(changed[0], fresh[0]) and not torch.equal(changed[0], uncached[0])
     assert len(list(cache.glob("*.npy"))) == 2
+
+
+def _cached_sample(split: Path, cache: Path, **options: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample 0 of the split through a cached TrainDataset at trainsize 24."""
+    return TrainDataset(split, trainsize=24, cache_dir=cache, **options)[0]
+
+
+def test_cache_key_follows_the_bytes_not_mtime_and_size(tmp_path: Path) -> None:
+    """`cp -p`-style rewrite: new pixels, same byte size (BMP), mtime put back: the cache must miss."""
+    split, cache = tmp_path / "split", tmp_path / "cache"
+    files = _pair(split, "x", (40, 30), seed=0, image_ext=".bmp")
+    first = _cached_sample(split, cache)
+    stats = [f.stat() for f in files]
+    _pair(split, "x", (40, 30), seed=1, image_ext=".bmp")  # new image pixels; the mask rewritten as it was
+    for f, st in zip(files, stats):
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    again = _cached_sample(split, cache)
+    fresh = TrainDataset(split, trainsize=24)[0]
+    assert all(torch.equal(a, b) for a, b in zip(again, fresh)) and not torch.equal(again[0], first[0])
+    assert len(list(cache.glob("*.npy"))) == 2
+
+
+@pytest.mark.parametrize("change", ["pillow", "torch", "numpy", "code"])
+def test_cache_misses_after_a_library_upgrade_or_a_code_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               change: str) -> None:
+    """An upgraded decoding/resizing library (monkeypatched version) or edited repo code gets a new entry."""
+    from utils import cache_keys
+
+    split, cache = tmp_path / "split", tmp_path / "cache"
+    _pair(split, "x", (40, 30))
+    _cached_sample(split, cache, fast_decode=True)
+    if change == "code":
+        monkeypatch.setattr(cache_keys, "code_digest", lambda *modules: "patched")
+    else:
+        real = cache_keys.library_versions
+        monkeypatch.setattr(cache_keys, "library_versions",
+                            lambda names: {n: ("99.0" if n == change else v) for n, v in real(names).items()})
+    decoded = []
+    read_rgb = data.read_rgb
+    monkeypatch.setattr(data, "read_rgb", lambda *a, **k: decoded.append(1) or read_rgb(*a, **k))
+    _cached_sample(split, cache, fast_decode=True)
+    assert decoded and len(list(cache.glob("*.npy"))) == 2
+
+
+def test_cache_hit_equals_decoding_and_orphaned_temps_are_removed(tmp_path: Path) -> None:
+    """A hit gives the decoded tensors bit for bit (both decode modes); a killed run's temp entry is removed."""
+    split, cache = tmp_path / "split", tmp_path / "cache"
+    _pair(split, "x", (90, 60), seed=3)
+    for fast in (False, True):
+        decoded = TrainDataset(split, trainsize=24, fast_decode=fast)[0]
+        for _ in range(2):  # the miss that writes the entry, then the hit
+            assert all(torch.equal(a, b) for a, b in zip(_cached_sample(split, cache, fast_decode=fast), decoded))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = cache / f".x-0123.npy.{int(dead.stdout)}.abcdefgh.tmp"
+    orphan.write_bytes(b"half an entry")
+    TrainDataset(split, trainsize=24, cache_dir=cache)
+    assert not orphan.exists() and len(list(cache.glob("*.npy"))) == 2
 
 
 def test_file_unreadable_at_load_time_names_it(tmp_path: Path) -> None:

@@ -128,7 +128,7 @@ def _orders(n: int, batch: int, world: int, seed: int, epoch: int, skip: int = 0
     out = []
     for rank in range(world):
         sampler = EpochSampler(range(n), batch, DistContext(rank, world, rank, torch.device("cpu")), seed)
-        sampler.set_epoch(epoch, skip_batches=skip)
+        sampler.set_epoch(epoch, skip_samples=skip * batch)
         out.append(list(sampler))
     return out
 

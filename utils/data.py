@@ -8,7 +8,6 @@ cannot be used are reported by name (the release drops pairs of different sizes 
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import warnings
@@ -24,6 +23,7 @@ from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
 from utils.atomic import atomic_path
+from utils.cache_keys import computation_fields, fields_digest, read_hashed, remove_orphaned_temps
 from utils.dis5k import expected_folders, split_folders
 from utils.errors import EXIT_FAILED, FSANetError, listing
 from utils.imageio import ImageReadError, image_size, list_images, read_mask, read_rgb
@@ -32,7 +32,10 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_CACHE_VERSION = 2  # 2: channels-first 4xSxS entries
+# What computes a training cache entry: this module's decoding and resizing (and every repo module it
+# imports: utils.imageio's readers), and the libraries that decode (Pillow), resize (Pillow, torch) and store it.
+CACHE_CODE = ("utils.data",)
+CACHE_LIBRARIES = ("pillow", "torch", "numpy")
 _MAX_LISTED = 20
 _LIST_SEP = "\n  "
 
@@ -198,13 +201,14 @@ def image_tensor(image: Image.Image, size: int, exact: bool = True) -> torch.Ten
     return normalize_rgb(to_unit_float(resize_uint8(image, size, exact)))
 
 
-def _stat_key(path: Path) -> str:
-    """Path, modification time and byte size of a file, the parts of a cache key that track it."""
+def _read_source(path: Path) -> tuple[bytes, str]:
+    """A source file's bytes and their SHA-256 (one read); a file gone or unreadable is an ImageReadError naming it."""
     try:
-        st = path.stat()
+        return read_hashed(path)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read the file any more ({e.strerror}); re-create the dataset") from None
-    return f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}"
+        raise ImageReadError(f"{path}: cannot read the file ({e.strerror or e})") from None
 
 
 class TrainDataset(Dataset):
@@ -217,9 +221,12 @@ class TrainDataset(Dataset):
     is about 2x the release's loader per sample (`python benchmark.py --only data`; the PNG mask's
     full decode is the floor); pixel values differ slightly from the release's.
     `hflip=True` flips image and mask together with probability 0.5 (the release has no augmentation).
-    `cache_dir` stores each resized pair as an uncompressed .npy (about 4*S*S bytes) keyed by source
-    path, mtime, byte size, trainsize and decode mode, so later epochs skip decoding; changed sources
-    get a new entry (stale ones are left on disk).
+    `cache_dir` stores each resized pair as an uncompressed .npy (about 4*S*S bytes) so later epochs
+    skip decoding. Its key is everything that computes the entry: the SHA-256 of both source files' bytes
+    (read once, and decoded from those same bytes), the code digest of this module and the repo modules
+    it imports, the versions of Pillow, torch and numpy, trainsize and the decode mode; a change to any
+    of them gets a new entry (old ones stay on disk until the folder is deleted). Temp files a killed
+    run left there are removed when the dataset is built.
     """
 
     def __init__(self, source: str | os.PathLike | Sequence[Pair], trainsize: int = 736, *,
@@ -232,32 +239,41 @@ class TrainDataset(Dataset):
         self.hflip = hflip
         self.fast_decode = fast_decode
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_fields: dict[str, object] = {}
+        if self.cache_dir is not None:
+            # Once per dataset (DataLoader workers inherit it): the per-sample part is the sources' digests.
+            self.cache_fields = computation_fields(CACHE_CODE, CACHE_LIBRARIES, trainsize=self.trainsize,
+                                                   fast_decode=self.fast_decode)
+            remove_orphaned_temps(self.cache_dir, (".npy",))
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _decode_resized(self, sample: Pair) -> torch.Tensor:
-        """Decode and resize one pair into a 4xSxS uint8 tensor (RGB + mask)."""
+    def _decode_resized(self, sample: Pair, image_bytes: bytes | None = None,
+                        gt_bytes: bytes | None = None) -> torch.Tensor:
+        """Decode and resize one pair into a 4xSxS uint8 tensor (RGB + mask), from the files' bytes when given."""
         size = self.trainsize
-        image = read_rgb(sample.image, min_side=size if self.fast_decode else None)
-        mask = read_mask(sample.gt, min_side=size if self.fast_decode else None)
+        min_side = size if self.fast_decode else None
+        image = read_rgb(sample.image, min_side=min_side, data=image_bytes)
+        mask = read_mask(sample.gt, min_side=min_side, data=gt_bytes)
         if self.fast_decode and image.size == mask.size:
             image.putalpha(mask)  # one RGBA resize costs what the RGB one alone would
             return resize_uint8(image, size, exact=False)
         exact = not self.fast_decode
         return torch.cat([resize_uint8(image, size, exact), resize_uint8(mask, size, exact)])
 
-    def _cache_path(self, sample: Pair) -> Path:
-        """Cache file of a pair: a hash of both sources' identity and the preprocessing options."""
-        key = "|".join([_stat_key(sample.image), _stat_key(sample.gt), str(self.trainsize),
-                        str(self.fast_decode), str(_CACHE_VERSION)])
-        return self.cache_dir / f"{sample.stem}-{hashlib.sha1(key.encode()).hexdigest()[:20]}.npy"
+    def _cache_path(self, sample: Pair, image_sha256: str, gt_sha256: str) -> Path:
+        """Cache file of a pair: its stem and the digest of the key fields (sources' content, code, libraries)."""
+        key = fields_digest({**self.cache_fields, "image_sha256": image_sha256, "gt_sha256": gt_sha256})
+        return self.cache_dir / f"{sample.stem}-{key[:32]}.npy"
 
     def _load_resized(self, sample: Pair) -> torch.Tensor:
         """The resized pair from the cache when present and valid, else decoded (and cached)."""
         if self.cache_dir is None:
             return self._decode_resized(sample)
-        path = self._cache_path(sample)
+        image_bytes, image_sha256 = _read_source(sample.image)
+        gt_bytes, gt_sha256 = _read_source(sample.gt)
+        path = self._cache_path(sample, image_sha256, gt_sha256)
         expected = (4, self.trainsize, self.trainsize)
         if path.is_file():
             try:
@@ -266,7 +282,7 @@ class TrainDataset(Dataset):
                     return torch.from_numpy(cached)
             except (OSError, ValueError) as e:
                 logger.warning("%s: unreadable cache entry, rebuilding it (%s)", path, e)
-        pair = self._decode_resized(sample)
+        pair = self._decode_resized(sample, image_bytes, gt_bytes)  # the bytes the key names
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, pair.contiguous().numpy(), allow_pickle=False)
         return pair

@@ -105,10 +105,25 @@ def data_parallel_replicas(ctx: DistContext, data_parallel: bool = True) -> int:
     return max(1, torch.cuda.device_count())
 
 
+def replica_batch_sizes(batch: int, replicas: int) -> list[int]:
+    """Images each GPU gets when DataParallel scatters `batch` over `replicas` GPUs: torch.chunk along dim 0,
+    so chunks of ceil(batch / replicas) and a smaller last one; GPUs past the last chunk get none (not run)."""
+    if batch <= 0:
+        return []
+    chunk = -(-batch // replicas)
+    return [min(chunk, batch - start) for start in range(0, batch, chunk)]
+
+
 def smallest_replica_batch(batch: int, replicas: int) -> int:
     """Images the last replica gets when DataParallel splits `batch` (torch.chunk along dim 0)."""
     chunk = -(-batch // replicas)
     return batch - chunk * (-(-batch // chunk) - 1)
+
+
+def trainable_batch(batch: int, replicas: int) -> int:
+    """The most of `batch` images (the first ones) that train in BatchNorm's train mode: every GPU DataParallel
+    runs gets at least 2 (4 GPUs: 7 images split 2, 2, 2, 1, so 6); 0 when no count of 2 or more does."""
+    return next((n for n in range(batch, 1, -1) if min(replica_batch_sizes(n, replicas)) >= 2), 0)
 
 
 def wrap_model(model: nn.Module, ctx: DistContext, data_parallel: bool = True, amp: str | None = None) -> nn.Module:

@@ -169,15 +169,17 @@ def _decode(path: str | os.PathLike, mode: str, min_side: int | None, data: byte
     return out.reduce(factor) if factor > 1 else out
 
 
-def read_rgb(path: str | os.PathLike, min_side: int | None = None, exif: bool = False) -> Image.Image:
+def read_rgb(path: str | os.PathLike, min_side: int | None = None, exif: bool = False,
+             data: bytes | None = None) -> Image.Image:
     """Read an image as mode RGB; `min_side` allows a cheaper reduced decode keeping both sides >= it.
 
     With `min_side`, JPEGs use reduced-scale DCT decoding (PIL `draft`) and other formats are
     box-reduced (`Image.reduce`) by the same 1/2/4/8 rule, so the result has both sides >= min_side
     and a resize to min_side never upsamples; pixel values differ slightly from the full decode.
     None (default) is the exact full decode. `exif=True` applies the EXIF orientation (the release does not).
+    `data`: the file's bytes when the caller has read them already (`path` then only names it in errors).
     """
-    return _decode(path, "RGB", min_side, exif=exif)
+    return _decode(path, "RGB", min_side, data, exif=exif)
 
 
 def read_mask(path: str | os.PathLike, min_side: int | None = None, data: bytes | None = None) -> Image.Image:

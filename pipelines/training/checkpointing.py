@@ -8,6 +8,7 @@ state dicts) only initialise the weights.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,22 +20,25 @@ from torch.optim import Optimizer
 
 from lib.checkpoint import extract_state_dict, load_weights, strip_wrapper_prefixes, torch_load_weights
 from utils.atomic import atomic_torch_save, os_reason
-from utils.errors import RunError
+from utils.errors import FSANetError, RunError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "fsanet-train-v1"
-# Settings that change the data order or the schedule; resuming with other values is allowed but warned.
+# Settings that change the data order, the schedule or the arithmetic (the pixels decoded, the drop-path
+# rate, the images trained on); resuming with other values is allowed but warned, one line per flag.
 RESUME_SENSITIVE = ("epoch", "lr", "batchsize", "trainsize", "rates", "seed", "clip", "weight_decay",
-                    "weighted_bce", "hflip", "amp", "accum_steps")
+                    "weighted_bce", "hflip", "amp", "accum_steps", "fast_decode", "drop_path_rate", "train_path")
 
 
 @dataclass
 class RunState:
-    """Where the run is: epochs completed, batches done in the next epoch, optimiser steps, best maxF."""
+    """Where the run is: epochs completed, loader batches and samples (this rank's) done in the next epoch,
+    optimiser steps, best maxF. `samples` is the resume position: it holds under another --batchsize."""
 
     epoch: int = 0
     iteration: int = 0
+    samples: int = 0
     step: int = 0
     best_maxf: float = -1.0
 
@@ -56,6 +60,7 @@ def training_checkpoint(model: nn.Module, optimizer: Optimizer, scaler: torch.am
         "optimizer": optimizer.state_dict(),
         "epoch": state.epoch,
         "iteration": state.iteration,
+        "samples": state.samples,
         "step": state.step,
         "best_maxf": state.best_maxf,
         "scaler": scaler.state_dict(),
@@ -70,17 +75,54 @@ class CheckpointSaveError(RunError):
     """A checkpoint could not be written (full disk, folder gone); the previous file of that name is kept."""
 
 
+def _writer_reason(message: str) -> str:
+    """The reason in a RuntimeError of PyTorch's zip writer: a short write ("unexpected pos") is a full disk."""
+    if "unexpected pos" in message:
+        return "no space left on device (PyTorch's writer stopped short)"
+    return message.splitlines()[0] if message else "RuntimeError"
+
+
 def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
     """Write a checkpoint atomically: a crash or failed write keeps the previous file whole, no temp file left."""
     try:
         atomic_torch_save(checkpoint, path)
     except (OSError, RuntimeError) as e:
-        reason = os_reason(e) if isinstance(e, OSError) else str(e).splitlines()[0]
+        reason = os_reason(e) if isinstance(e, OSError) else _writer_reason(str(e))
         kept = f"the previous {path.name} is kept" if path.is_file() else "no earlier copy exists"
+        last = path.parent / "last.pth"
+        then = (f"then resume with --pre_model {last}" if last.is_file()
+                else "then train again (no checkpoint of this run exists to resume from)")
         raise CheckpointSaveError(
             f"{path}: could not save the checkpoint after epoch {checkpoint.get('epoch')} ({reason}); {kept}. "
-            f"Free space or choose another --save_root, then resume with --pre_model {path.parent / 'last.pth'}"
+            f"Free space or choose another --save_root, {then}"
         ) from None
+
+
+class NotEnoughSpaceError(FSANetError):
+    """--save_root's filesystem lacks the space one checkpoint needs (exit 2: refused before the first epoch)."""
+
+
+def checkpoint_bytes(model: nn.Module, optimizer: Optimizer) -> int:
+    """About what one checkpoint of this run takes on disk: the model's state plus AdaXW's two moments of every
+    trainable parameter (or the moments the optimiser holds already, when resumed)."""
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    held = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor))
+    # 2% for what else the file holds (counters, every rank's RNG states, the options, the zip and pickle framing).
+    return int(1.02 * (model_bytes + max(moments, held)))
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    """NotEnoughSpaceError naming --save_root and both sizes when `folder`'s filesystem has less than `needed`
+    bytes free (a checkpoint is written beside the previous one, then renamed over it)."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise NotEnoughSpaceError(
+            f"--save_root: {folder} has {free / 1e9:.2f} GB free on its filesystem and a checkpoint of this run "
+            f"needs about {needed / 1e9:.2f} GB (weights and AdaXW state); free space or choose another "
+            "--save_root before training, so no epoch is lost to a failed save")
 
 
 def is_training_checkpoint(ckpt: Any) -> bool:
@@ -100,11 +142,14 @@ def resume(path: Path, model: nn.Module, optimizer: Optimizer, scaler: torch.amp
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    state = RunState(epoch=int(ckpt["epoch"]), iteration=int(ckpt.get("iteration", 0)), step=int(ckpt["step"]),
+    iteration = int(ckpt.get("iteration", 0))
+    # Checkpoints written before "samples" was saved counted the position in batches of their --batchsize.
+    samples = int(ckpt.get("samples", iteration * int(ckpt.get("args", {}).get("batchsize", args["batchsize"]))))
+    state = RunState(epoch=int(ckpt["epoch"]), iteration=iteration, samples=samples, step=int(ckpt["step"]),
                      best_maxf=float(ckpt.get("best_maxf", -1.0)))
     warn_changed_settings(ckpt, args, world_size)
-    log.info("resuming %s: %d epoch(s) and %d batch(es) done, %d optimiser steps", path, state.epoch,
-             state.iteration, state.step)
+    log.info("resuming %s: %d epoch(s) and %d batch(es) (%d samples per process) done, %d optimiser steps", path,
+             state.epoch, state.iteration, state.samples, state.step)
     return Resumed(state, rank_rng(ckpt, rank))
 
 

@@ -7,7 +7,8 @@ resumes from it is `checkpointing`'s; seeds and the data order are `reproducibil
 
 With --accum_steps N, each optimiser batch is N loader batches: per rate, every micro-batch's
 forward/backward adds its share of the gradient, then one clamp and one AdaXW step, as on the whole
-batch (BatchNorm alone sees each micro-batch separately). Checkpoints fall on optimiser-batch boundaries.
+batch (BatchNorm alone sees each micro-batch separately). Checkpoints fall on optimiser-batch boundaries;
+an epoch's short last group is stepped too (`batches`, which also trims batches shrunk by undecodable files).
 
 Resuming is exact: a run stopped (even killed) after any saved epoch, or batch with --save_iters, and
 resumed from its `last.pth` ends with the same weights as one that never stopped. One exception: with
@@ -33,7 +34,15 @@ from tqdm import tqdm
 
 from lib import FSANet, load_pretrained_encoders
 from lib.fast import to_channels_last
-from pipelines.training.checkpointing import RunState, resume, save_checkpoint, training_checkpoint
+from pipelines.training.batches import Batch, LoaderBatch, optimiser_groups, trainable_part
+from pipelines.training.checkpointing import (
+    RunState,
+    check_free_space,
+    checkpoint_bytes,
+    resume,
+    save_checkpoint,
+    training_checkpoint,
+)
 from pipelines.training.config import (
     NonFiniteLossError,
     TrainConfig,
@@ -76,7 +85,6 @@ from utils.optim import AdaXW, clip_gradient, poly_lr, set_lr
 log = logging.getLogger(__name__)
 
 LOSS_NAMES = ("loss", "P1", "P2", "P3", "P4")
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def resize_pair(images: torch.Tensor, gts: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +136,8 @@ class Trainer:
                              self.ctx.rank, self.ctx.world_size)
             self.state, resumed_rng = resumed.state, resumed.rng
         self._warn_frequency_band()
+        if self.ctx.is_main:  # before the first epoch, not at its end
+            check_free_space(self.save_dir, checkpoint_bytes(self.model, self.optimizer))
         if resumed_rng is not None:
             set_rng_state(resumed_rng)
         else:
@@ -249,51 +259,44 @@ class Trainer:
         lr = poly_lr(cfg.lr, epoch, cfg.epoch)
         set_lr(self.optimizer, lr)
         skip = self.state.iteration
-        self.sampler.set_epoch(epoch, skip_batches=skip)
+        self.sampler.set_epoch(epoch, skip_samples=self.state.samples)
+        if self.state.samples and not self.sampler.indices:
+            log.info("epoch %d/%d: nothing left to train in it: after the %d sample(s) per process the checkpoint "
+                     "had trained, the rest give no batch of at least 2 at --batchsize %d", epoch, cfg.epoch,
+                     self.state.samples, cfg.batchsize)
+            return
         self.loader_generator.manual_seed(loader_seed(cfg.seed, epoch, self.ctx.rank))
         self.net.train()
-        total = self.sampler.batches_per_epoch()
+        total = skip + self.sampler.batches_left()
         bar = tqdm(self.loader, total=total, initial=skip, desc=f"epoch {epoch}/{cfg.epoch}",
                    disable=not self.ctx.is_main or None, dynamic_ncols=True, file=sys.stderr)
         sums = torch.zeros(len(LOSS_NAMES))
-        group: list[Batch] = []
         steps = 0
-        for images, gts, bad in bar:
-            if not group:
-                start = time.perf_counter()
-            if self._too_few_decoded(images, bad):
-                self.state.iteration += 1
-                continue
-            group.append((images, gts))
-            if len(group) < cfg.accum_steps and self.state.iteration + len(group) < total:
-                continue  # --accum_steps: the optimiser batch is not complete yet
-            losses = self.train_batches(group, epoch)
-            self.state.iteration += len(group)
+        start = time.perf_counter()
+        for group in optimiser_groups(bar, cfg.accum_steps, self._trainable, first=skip + 1):
+            losses = self.train_batches(group.batches, epoch)
+            self.state.iteration += group.consumed
+            self.state.samples += group.samples
             sums += losses
             steps += 1
-            speed = sum(x.shape[0] for x, _ in group) * self.ctx.world_size / (time.perf_counter() - start)
-            group = []
+            speed = sum(x.shape[0] for x, _ in group.batches) * self.ctx.world_size / (time.perf_counter() - start)
             self._log_batch(losses, lr, speed)
             bar.set_postfix(loss=f"{losses[0]:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
             # Only at optimiser-batch boundaries, so a resumed run regroups the same loader batches.
             done = self.state.iteration // cfg.accum_steps
             if cfg.save_iters and done % cfg.save_iters == 0 and self.state.iteration < total:
                 self.save("last.pth")
-        batches = max(steps, 1)
-        log.info("epoch %d/%d: lr %.3e, mean loss %.4f over %d batch(es)", epoch, cfg.epoch, lr,
-                 float(sums[0]) / batches, batches)
+            start = time.perf_counter()
+        if steps:
+            log.info("epoch %d/%d: lr %.3e, mean loss %.4f over %d batch(es)", epoch, cfg.epoch, lr,
+                     float(sums[0]) / steps, steps)
+        else:
+            log.warning("epoch %d/%d: no batch trained (every batch was skipped)", epoch, cfg.epoch)
 
-    def _too_few_decoded(self, images: torch.Tensor | None, bad: list[str]) -> bool:
-        """Report undecodable files (each once); True when this batch (on any rank) kept fewer than 2 images."""
-        self._report_undecodable(bad, "")
-        short = torch.tensor([float(images is None or images.shape[0] < 2)])
-        # Every rank must take the same decision, or the next collective would wait forever.
-        if self.ctx.distributed:
-            short = all_reduce_sum(short.to(self.device), self.ctx).cpu()
-        if short.item():
-            log.warning("batch %d skipped: fewer than 2 decodable images left (BatchNorm needs 2)",
-                        self.state.iteration + 1)
-        return bool(short.item())
+    def _trainable(self, item: LoaderBatch, number: int) -> Batch | None:
+        """Report loader batch `number`'s undecodable files (each once); what of it trains (None: skipped)."""
+        self._report_undecodable(item[2], "")
+        return trainable_part(item, number, self.replicas, self.ctx)
 
     def _report_undecodable(self, bad: list[str], where: str) -> None:
         """Warn about each file that failed to decode, once per run although every epoch meets it."""
@@ -381,7 +384,7 @@ class Trainer:
 
     def end_epoch(self, epoch: int) -> None:
         """Mark the epoch done, validate when due, save last.pth (+ FSANet-N.pth, best.pth)."""
-        self.state.epoch, self.state.iteration = epoch, 0
+        self.state.epoch, self.state.iteration, self.state.samples = epoch, 0, 0
         cfg = self.cfg
         improved = False
         if cfg.val_path and cfg.val_every and (epoch % cfg.val_every == 0 or epoch == cfg.epoch):

@@ -109,16 +109,20 @@ class EpochSampler(Sampler[int]):
         rest = n % self.batch_size
         return n - rest if rest and smallest_replica_batch(rest, self.replicas) < 2 else n
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Fix the order of `epoch` and skip the batches already trained in it."""
+    def set_epoch(self, epoch: int, skip_samples: int = 0) -> None:
+        """Fix the order of `epoch` and skip the samples already trained in it (counted in samples, not batches,
+        so a run resumed with another --batchsize trains exactly the rest of the epoch)."""
         self.inner.set_epoch(epoch)
-        indices = list(self.inner)
-        indices = indices[:self._usable(len(indices))]
-        self.indices = indices[skip_batches * self.batch_size:]
+        rest = list(self.inner)[skip_samples:]
+        self.indices = rest[:self._usable(len(rest))]
 
     def batches_per_epoch(self) -> int:
         """Batches in a full epoch of this rank."""
         return -(-self._usable(self.inner.num_samples) // self.batch_size)
+
+    def batches_left(self) -> int:
+        """Batches of the current epoch still to come (after the skipped samples)."""
+        return -(-len(self.indices) // self.batch_size)
 
     def __iter__(self) -> Iterator[int]:
         """This rank's remaining indices of the current epoch."""

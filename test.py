@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -89,6 +90,8 @@ def predict(args: argparse.Namespace, summary: InferenceSummary) -> InferenceSum
     if args.max_pixels < 1:
         raise InferenceError(f"--max_pixels {args.max_pixels}: must be positive")
     set_max_pixels(args.max_pixels)
+    if args.input is not None and Path(args.input).is_file():
+        raise InferenceError(f"--input {args.input}: is a file, not a folder; --input takes a folder of images")
     if args.input is not None:
         # A photo folder is shown by viewers in its EXIF orientation; the map follows it.
         jobs = [folder_job(args.input, args.save_root, exif=True)]

@@ -1,5 +1,6 @@
 """The scripts' one exit point: an FSANetError becomes one `error:` line and its exit code; Ctrl-C, SIGTERM and
-SIGHUP one line and 130, 143 or 129.
+SIGHUP one line and 130, 143 or 129. Also the argparse types the scripts share, so that a bad number is refused
+at parse time in one line naming its flag (exit 2).
 
 Kept out of `utils/` because writing to the terminal is the scripts' job; the leaves only raise.
 """

@@ -27,7 +27,7 @@ from utils import atomic
 from utils.errors import FSANetError
 from utils.imageio import ImageReadError, image_size, list_images, read_map, read_rgb
 from utils.metrics import DISMetrics, image_summary
-from utils.onnx_export import DEFAULT_OPSET
+from utils.onnx_export import DEFAULT_OPSET, MIN_OPSET
 
 
 def refused_at_parse(parse, argv: list[str], capsys, *needles: str) -> str:
@@ -93,7 +93,7 @@ def test_gpu_check_flags_checked_without_a_gpu(tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize("argv, needle", [
     (["--tolerance", "-1"], "argument --tolerance: must be a finite number above 0"),
     (["--tolerance", "nan"], "argument --tolerance"),
-    (["--opset", "5"], f"argument --opset: must be at least {DEFAULT_OPSET}"),
+    (["--opset", "5"], f"argument --opset: must be at least {MIN_OPSET}"),
     (["--opset", "99"], "argument --opset: must be at most"),
 ])
 def test_export_flags_refused_at_parse_time(argv: list[str], needle: str, capsys) -> None:

@@ -23,7 +23,7 @@ from pipelines.benchmarks.model import TRAIN_VARIANTS, inference_rows, train_row
 from pipelines.benchmarks.pipeline import pipeline_rows
 from pipelines.benchmarks.runtimes import runtime_rows
 from pipelines.benchmarks.timing import Row, rows_table
-from pipelines.cli import run_cli
+from pipelines.cli import int_at_least, run_cli
 from utils.device import AMP_CHOICES, resolve_device
 from utils.errors import EXIT_OK
 
@@ -35,24 +35,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="which parts to measure")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
-    p.add_argument("--size", type=int, default=1024, help="inference input side")
-    p.add_argument("--batch", type=int, default=4, help="the larger inference batch")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--size", type=int_at_least(32, multiple=32), default=1024,
+                   help="inference input side (a multiple of 32, the encoders' coarsest stride)")
+    p.add_argument("--batch", type=int_at_least(1), default=4, help="the larger inference batch")
+    p.add_argument("--runs", type=int_at_least(1), default=3, help="timed runs per measurement (median reported)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the fast model")
-    p.add_argument("--pipeline_images", type=int, default=3,
+    p.add_argument("--pipeline_images", type=int_at_least(1), default=3,
                    help="generated photos that test.py and the release's test.py each process (pipeline part)")
-    p.add_argument("--trainsize", type=int, default=736, help="training size (the release's)")
-    p.add_argument("--train_batch", type=int, default=2, help="training batch size")
-    p.add_argument("--train_runs", type=int, default=1, help="timed training batches (median reported)")
+    p.add_argument("--trainsize", type=int_at_least(32), default=736, help="training size (the release's)")
+    p.add_argument("--train_batch", type=int_at_least(2), default=2, help="training batch size")
+    p.add_argument("--train_runs", type=int_at_least(1), default=1, help="timed training batches (median reported)")
     p.add_argument("--train_amp", choices=AMP_CHOICES, default="none", help="training mixed precision")
     p.add_argument("--train_variants", nargs="+", choices=TRAIN_VARIANTS, default=["plain"],
                    help="training rows: plain, accum (--accum_steps), checkpointing (--grad_checkpointing), both")
-    p.add_argument("--train_accum_steps", type=int, default=2, help="--accum_steps of the accum variants")
-    p.add_argument("--train_warmup", type=int, default=0,
+    p.add_argument("--train_accum_steps", type=int_at_least(1), default=2, help="--accum_steps of the accum variants")
+    p.add_argument("--train_warmup", type=int_at_least(0), default=0,
                    help="untimed training batches first (0 on a CPU, where one is minutes; 1 on a GPU)")
-    p.add_argument("--data_images", type=int, default=8, help="generated 2500x3400 JPEGs for the loading benchmark")
-    p.add_argument("--eval_images", type=int, default=8, help="generated 2500x3400 maps for the eval benchmark")
-    p.add_argument("--eval_workers", type=int, default=None, help="eval worker processes (default: all cores)")
+    p.add_argument("--data_images", type=int_at_least(1), default=8,
+                   help="generated 2500x3400 JPEGs for the loading benchmark")
+    p.add_argument("--eval_images", type=int_at_least(1), default=8,
+                   help="generated 2500x3400 maps for the eval benchmark")
+    p.add_argument("--eval_workers", type=int_at_least(1), default=None,
+                   help="eval worker processes (default: all cores)")
     p.add_argument("--report", type=Path, default=None,
                    help="also write the table (Markdown) here, and .json beside it")
     return p.parse_args(argv)

@@ -8,29 +8,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.cli import run_cli
+from pipelines.cli import int_at_least, run_cli
 from pipelines.evaluation import EvalConfig, default_cache_dir, default_workers, run_evaluation
 from utils.dis5k import EVAL_SPLITS
 from utils.errors import EXIT_FAILED, EXIT_OK
 from utils.imageio import DEFAULT_MAX_PIXELS, set_max_pixels
 from utils.metrics import ALL_METRICS, BOUNDARY_METRICS, FIELD_METRICS
-
-
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type: an integer >= minimum."""
-    def parse(text: str) -> int:
-        """The integer in `text`, checked against the minimum."""
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     set_max_pixels(args.max_pixels)
     config = EvalConfig(
         pred_root=args.pred_root, gt_root=args.gt_root, datasets=args.datasets, workers=args.workers,
-        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()), metrics=args.metrics,
+        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+        metrics=list(dict.fromkeys(args.metrics)),  # a metric named twice is one column
         digits=args.digits, save_json=args.save_json, save_csv=args.save_csv, save_latex=args.save_latex,
         per_image_csv=args.per_image_csv, plot_dir=args.plot_dir,
     )

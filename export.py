@@ -15,9 +15,12 @@ import sys
 from pathlib import Path
 
 from lib import FREQ_ENCODER_NAMES
-from pipelines.cli import run_cli
+from pipelines.cli import float_in, int_at_least, run_cli
+from utils.atomic import check_writable_dir
 from utils.errors import EXIT_FAILED, EXIT_OK, FSANetError, RunError
-from utils.onnx_export import DEFAULT_OPSET
+from utils.onnx_export import DEFAULT_OPSET, MIN_OPSET, OPENVINO_DFT_BREAKS, max_opset
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,11 +31,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=Path("fsanet.onnx"), help="ONNX file to write")
     p.add_argument("--freq_encoder", choices=FREQ_ENCODER_NAMES, default="resnet50",
                    help="frequency encoder the checkpoint was trained with (release: resnet50)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help="ONNX opset (default 17: OpenVINO reads DFT's axis wrongly at opset 20)")
+    p.add_argument("--opset", type=int_at_least(MIN_OPSET, maximum=max_opset()), default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {MIN_OPSET} (the exporter's lowest) to {max_opset()} (the installed onnx's "
+                        f"highest); default {DEFAULT_OPSET}. From {OPENVINO_DFT_BREAKS} on, OpenVINO reads DFT's "
+                        "axis wrongly (logits off by ~1): such files are for onnxruntime")
     p.add_argument("--dynamic_batch", action="store_true", help="leave the batch dimension free (default: 1)")
-    p.add_argument("--tolerance", type=float, default=1e-3,
-                   help="largest accepted |logit| difference between onnxruntime and PyTorch")
+    p.add_argument("--tolerance", type=float_in(0, low_open=True), default=1e-3,
+                   help="largest accepted |logit| difference between onnxruntime and PyTorch (a finite number > 0)")
     return p.parse_args(argv)
 
 
@@ -44,25 +49,42 @@ def check_args(args: argparse.Namespace) -> None:
         raise FSANetError(f"--output {args.output}: name the file *.onnx")
     if args.output.is_dir():
         raise FSANetError(f"--output {args.output} is a folder; name a file")
+    # Before the export (half a minute or more), not after it.
+    check_writable_dir(args.output.parent, "--output")
+    if args.opset >= OPENVINO_DFT_BREAKS:
+        log.warning("--opset %d: from opset %d on DFT's axis is an input, which OpenVINO ignores (its logits are "
+                    "off by ~1); use this file with onnxruntime, or export with --opset %d for OpenVINO",
+                    args.opset, OPENVINO_DFT_BREAKS, DEFAULT_OPSET)
 
 
 def run(args: argparse.Namespace) -> int:
     """Export, check with onnxruntime, print the result; the exit status."""
     from lib import FSANet, load_checkpoint
-    from utils.onnx_export import ExportError, check_against_torch, describe_external_data, export_onnx
+    from utils.onnx_export import (
+        ExportError,
+        check_against_torch,
+        describe_external_data,
+        export_onnx,
+        written_opset,
+    )
 
     check_args(args)
     model = load_checkpoint(FSANet(freq_encoder=args.freq_encoder), args.pth_path)
     try:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         seconds = export_onnx(model, args.output, args.testsize, args.opset, args.dynamic_batch, external_data=True)
+        opset = written_opset(args.output)
+        if opset != args.opset:  # the exporter keeps its own opset when it cannot convert the graph
+            raise ExportError(f"{args.output}: --opset {args.opset} asked, but the exporter wrote opset {opset} "
+                              f"(it could not convert FSANet's graph); do not use this file, export with "
+                              f"--opset {opset}")
         # The check runs the model export_onnx prepared (BatchNorm folded: the same arithmetic).
         diff = check_against_torch(model, args.output, args.testsize, batch=2 if args.dynamic_batch else 1)
     except ImportError as e:
         raise ExportError(str(e)) from None
     except OSError as e:
         raise RunError(f"{args.output}: cannot write ({e.strerror or e}); choose another --output") from None
-    print(f"wrote {args.output} in {seconds:.1f} s ({describe_external_data(args.output)}); "
+    print(f"wrote {args.output} (opset {opset}) in {seconds:.1f} s ({describe_external_data(args.output)}); "
           f"onnxruntime vs PyTorch max |logit difference| {diff:.2e}")
     if not diff <= args.tolerance:
         print(f"error: {args.output}: onnxruntime differs from PyTorch by {diff:.2e} > --tolerance "

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipelines.cli import run_cli
+from pipelines.cli import float_in, run_cli
 from pipelines.gpu_check import run_gpu_check
 
 
@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("checkpoints/gpu_check"),
                    help="folder for the summary (summary.md), each stage's log and the benchmark tables")
-    p.add_argument("--budget_s", type=float, default=460.0,
+    p.add_argument("--budget_s", type=float_in(0, low_open=True), default=460.0,
                    help="wall-clock budget of the whole check in seconds; a stage that would exceed it is cut "
                         "off and reported (default 460: under 8 minutes with start-up)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile inference (minutes of compiling)")

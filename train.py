@@ -15,12 +15,15 @@ from pathlib import Path
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lib import FREQ_ENCODER_NAMES
-from pipelines.cli import run_cli
+from pipelines.cli import float_in, int_at_least, run_cli
 from pipelines.training import TrainConfig, Trainer
 from utils.device import AMP_CHOICES
 from utils.distributed import cleanup_distributed, init_distributed
 from utils.imageio import DEFAULT_MAX_PIXELS
 from utils.logs import configure_logging
+
+# torch.manual_seed's largest seed; numpy's SeedSequence (the data order) takes no negative one.
+SEED_MAX = 2**64 - 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and pretrained encoders")
     g.add_argument("--freq_encoder", choices=FREQ_ENCODER_NAMES, default=d.freq_encoder,
                    help="frequency-image encoder (release: resnet50)")
-    g.add_argument("--drop_path_rate", type=float, default=d.drop_path_rate,
-                   help="stochastic depth of the PVT-v2 encoder (release: 0.1)")
+    g.add_argument("--drop_path_rate", type=float_in(0, 1, high_open=True), default=d.drop_path_rate,
+                   help="stochastic depth of the PVT-v2 encoder, in [0, 1) (release: 0.1)")
     g.add_argument("--radius", type=float, default=d.radius,
                    help="initial radius, in frequency bins, of the frequency branch's high-pass mask (release: 100; "
                         "it never changes in training and is saved as frequency.radius, so test.py reads it from "
@@ -102,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache each resized pair here (about 4*trainsize^2 bytes) so later epochs skip decoding")
     g.add_argument("--num_workers", type=int, default=d.num_workers,
                    help="DataLoader worker processes per process (release: 4)")
-    g.add_argument("--seed", type=int, default=d.seed,
+    g.add_argument("--seed", type=int_at_least(0, maximum=SEED_MAX), default=d.seed,
                    help="seed of weights init, shuffling (a function of seed and epoch), workers and drop path "
-                        "(the release sets none)")
+                        "(the release sets none); 0 to 2**64-1")
 
     g = p.add_argument_group("devices and speed")
     g.add_argument("--device", default=d.device,

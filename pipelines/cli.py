@@ -1,23 +1,169 @@
-"""The scripts' one exit point: an FSANetError becomes one `error:` line and its exit code, Ctrl-C one line and 130.
+"""The scripts' one exit point: an FSANetError becomes one `error:` line and its exit code; Ctrl-C, SIGTERM and
+SIGHUP one line and 130, 143 or 129. Also the argparse types the scripts share, so that a bad number is refused
+at parse time in one line naming its flag (exit 2).
 
 Kept out of `utils/` because writing to the terminal is the scripts' job; the leaves only raise.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import gc
+import logging
+import math
+import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
 
 from utils.errors import EXIT_INTERRUPTED, FSANetError, one_line
 
+log = logging.getLogger(__name__)
+
+# Ctrl-C; schedulers (SLURM, `timeout`, `kill PID`) stop a job with SIGTERM; a closed terminal sends SIGHUP.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+REDELIVER_S = 0.05
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so every Ctrl-C path (partial results, atomic writes
+    removing their temporary files, worker pools shut down) runs for it too."""
+
+    def __init__(self, signum: int) -> None:
+        """Remember which signal stopped the run."""
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _swallowed_there(frame: FrameType | None) -> bool:
+    """Whether an exception raised in `frame` would be printed and dropped instead of stopping the run: inside a
+    `__del__`, or in logging's fork hooks (they run each time a DataLoader starts its worker processes)."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__" or frame.f_code.co_filename == logging.__file__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    """Signal handler: stop the run as Ctrl-C would; where the exception would be lost, deliver it again shortly."""
+    if _swallowed_there(frame):
+        timer = threading.Timer(REDELIVER_S, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        return
+    raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGHUP Interrupted inside the block, each delivered again
+    where an exception would be lost (main thread only; previous handlers restored).
+
+    A signal the parent set to be ignored stays ignored (`nohup` ignores SIGHUP on purpose).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def exit_code_of(interrupt: KeyboardInterrupt) -> int:
+    """130 for Ctrl-C, 128 + the signal's number for SIGTERM (143) and SIGHUP (129), as shells report them."""
+    return 128 + interrupt.signum if isinstance(interrupt, Interrupted) else EXIT_INTERRUPTED
+
 
 def run_cli(body: Callable[[], int], interrupted: Callable[[], str] | None = None) -> int:
-    """Run a script's body: FSANetError -> `error: <message>` and its exit code; Ctrl-C -> one line, 130."""
+    """Run a script's body: FSANetError -> `error: <message>` and its exit code; Ctrl-C, SIGTERM, SIGHUP -> one
+    line (`interrupted` says what was done) and 130, 143, 129."""
     try:
-        return body()
+        with stop_signals_interrupt():
+            return body()
     except FSANetError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        done = interrupted() if interrupted is not None else ""
-        print(f"interrupted{': ' + done if done else ''}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as stop:
+        # A second signal while the summary is written must not turn it into a traceback.
+        with stop_signals_ignored():
+            _release_interrupted_objects(stop)
+            done = interrupted() if interrupted is not None else ""
+            how = f" ({signal.Signals(stop.signum).name})" if isinstance(stop, Interrupted) else ""
+            with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+                print(f"interrupted{how}{': ' + done if done else ''}", file=sys.stderr, flush=True)
+        return exit_code_of(stop)
+
+
+def _release_interrupted_objects(stop: BaseException) -> None:
+    """Free what the interrupted frames held now, before the summary line, so that the complaints of objects the
+    interrupt left half-built (a DataLoader iterator stopped in its __init__) go to the debug log, not stderr."""
+    stop.__traceback__ = None
+    if stop.__context__ is not None:
+        stop.__context__.__traceback__ = None
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: log.debug("after the interrupt: %s in %r", unraisable.exc_value,
+                                                      unraisable.object)
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def stop_signals_ignored() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP ignored inside the block (main thread only; previous handlers restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def int_at_least(minimum: int, multiple: int = 1, maximum: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer >= minimum (and <= maximum, a multiple of `multiple`), else one line naming it."""
+    def parse(text: str) -> int:
+        """The integer in `text`, checked against the bounds."""
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+        if value % multiple:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple}, got {value}")
+        return value
+    return parse
+
+
+def float_in(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False,
+             why: str = "") -> Callable[[str], float]:
+    """argparse type: a finite float in [low, high] (an open end excludes it), else one line naming the range."""
+    def parse(text: str) -> float:
+        """The float in `text`, checked against the range."""
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (math.isfinite(value) and above and below):
+            span = (f"{'above' if low_open else 'at least'} {low:g}" if high == math.inf else
+                    f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+            raise argparse.ArgumentTypeError(f"must be a finite number {span}, got {text}{why}")
+        return value
+    return parse

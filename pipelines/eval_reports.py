@@ -23,6 +23,21 @@ Rows = Mapping[str, Mapping[str, Any]]  # dataset -> {metric: value, "n": images
 MethodRows = Mapping[str, Rows]  # method -> Rows
 
 
+# LaTeX's special characters in text mode and what typesets each as itself.
+_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    """`text` (a method or dataset name) typeset as written inside a LaTeX table."""
+    return "".join(_LATEX_SPECIALS.get(char, char) for char in text)
+
+
+def markdown_escape(text: str) -> str:
+    """`text` as one Markdown table cell: a `|` would start another column."""
+    return text.replace("|", "\\|")
+
+
 def _format(metric: str, value: float, digits: int) -> str:
     """A table cell: HCE as a whole number (as the field prints it), the others with `digits` decimals."""
     return f"{value:.0f}" if metric == "HCE" else f"{value:.{digits}f}"
@@ -49,7 +64,7 @@ def _marked(text: str, mark: str, bold: Callable[[str], str], underline: Callabl
 def markdown_table(rows: Rows, metrics: Sequence[str], digits: int = 3) -> str:
     """One method's rows as a Markdown table, one row per dataset."""
     lines = ["| Dataset | " + " | ".join(metrics) + " |", "|:--|" + "--:|" * len(metrics)]
-    lines += [f"| {name} | " + " | ".join(_format(m, row[m], digits) for m in metrics) + " |"
+    lines += [f"| {markdown_escape(name)} | " + " | ".join(_format(m, row[m], digits) for m in metrics) + " |"
               for name, row in rows.items()]
     return "\n".join(lines)
 
@@ -76,7 +91,7 @@ def comparison_markdown(tables: MethodRows, metrics: Sequence[str], digits: int 
             cells = [_marked(_format(m, row[m], digits), marks[m][method],
                              lambda t: f"**{t}**", lambda t: f"<u>{t}</u>")
                      for m in metrics]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {markdown_escape(label)} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -89,7 +104,7 @@ def _arrow(metric: str) -> str:
 def latex_table(rows: Rows, metrics: Sequence[str], digits: int = 3) -> str:
     """One method's rows as a booktabs LaTeX tabular, with arrows for better direction."""
     header = " & ".join(_arrow(m) for m in metrics)
-    body = [f"{name} & " + " & ".join(_format(m, row[m], digits) for m in metrics) + r" \\"
+    body = [f"{latex_escape(name)} & " + " & ".join(_format(m, row[m], digits) for m in metrics) + r" \\"
             for name, row in rows.items()]
     return "\n".join([f"\\begin{{tabular}}{{l{'c' * len(metrics)}}}", r"\toprule", f"Dataset & {header} \\\\",
                       r"\midrule", *body, r"\bottomrule", r"\end{tabular}"]) + "\n"
@@ -99,7 +114,7 @@ def comparison_latex(tables: MethodRows, metrics: Sequence[str], digits: int = 3
     """A paper table: a row per method, a column group per dataset, best \\textbf, second \\underline."""
     datasets = datasets_of(tables)
     k = len(metrics)
-    groups = " & ".join(f"\\multicolumn{{{k}}}{{c}}{{{d}}}" for d in datasets)
+    groups = " & ".join(f"\\multicolumn{{{k}}}{{c}}{{{latex_escape(d)}}}" for d in datasets)
     rules = " ".join(f"\\cmidrule(lr){{{2 + i * k}-{1 + (i + 1) * k}}}" for i in range(len(datasets)))
     header = " & ".join(_arrow(m) for _ in datasets for m in metrics)
     marks = {(d, m): rank_marks({meth: rows[d][m] for meth, rows in tables.items() if d in rows}, m, digits)
@@ -108,7 +123,7 @@ def comparison_latex(tables: MethodRows, metrics: Sequence[str], digits: int = 3
     for method, rows in tables.items():
         cells = [_marked(_format(m, rows[d][m], digits), marks[d, m][method], lambda t: f"\\textbf{{{t}}}",
                          lambda t: f"\\underline{{{t}}}") if d in rows else "--" for d in datasets for m in metrics]
-        body.append(f"{method.replace('_', chr(92) + '_')} & " + " & ".join(cells) + r" \\")
+        body.append(f"{latex_escape(method)} & " + " & ".join(cells) + r" \\")
     return "\n".join([f"\\begin{{tabular}}{{l{'c' * k * len(datasets)}}}", r"\toprule", f" & {groups} \\\\", rules,
                       f"Method & {header} \\\\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}"]) + "\n"
 

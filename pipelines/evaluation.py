@@ -27,11 +27,12 @@ import numpy as np
 from tqdm import tqdm
 
 from pipelines import eval_reports as reports
+from utils.boundary_metrics import undefined_mba
 from utils.cache_keys import default_cache_dir as fsanet_cache_dir
 from utils.dis5k import EVAL_SPLITS, TE_MEAN_ROW, TE_SUBSETS, expected_folders, split_folders
 from utils.errors import FSANetError, RunError, listing
 from utils.gt_cache import cached_boundary_ground, cached_skeleton, cached_wf_ground
-from utils.imageio import ImageReadError, list_images, max_pixels, read_mask, set_max_pixels
+from utils.imageio import ImageReadError, list_images, max_pixels, read_map, read_mask, set_max_pixels
 from utils.metrics import (
     BINARY_THRESHOLD,
     BOUNDARY_METRICS,
@@ -84,6 +85,7 @@ class ImageResult:
     cache_error: str | None = None
     cached: bool = False
     pred_mode: str | None = None  # the prediction file's mode when it was not grayscale (converted to L)
+    alpha_map: bool = False  # the prediction's varying alpha was scored as the map (a test.py rgba cutout)
 
 
 @dataclass
@@ -183,7 +185,7 @@ def evaluate_image(task: ImageTask) -> ImageResult:
         if hit is not None:
             return ImageResult(task.stem, hit["state"], hit["pred_size"], cached=True)
         gt = np.asarray(read_mask(task.gt, data=gt_bytes))
-        pred_image = read_mask(task.pred, data=pred_bytes)
+        pred_image = read_map(task.pred, data=pred_bytes)
         pred = np.asarray(pred_image)
     except ImageReadError as e:
         return ImageResult(task.stem, error=str(e))
@@ -204,8 +206,9 @@ def evaluate_image(task: ImageTask) -> ImageResult:
         except OSError as e:
             store_error = f"{type(e).__name__}: {e}"
     cache_error = skeleton_error or wf_error or bands_error or store_error
-    mode = pred_image.info.get("source_mode")
-    return ImageResult(task.stem, state, pred_size, None, cache_error, pred_mode=None if mode in _GRAY_MODES else mode)
+    mode, alpha = pred_image.info.get("source_mode"), pred_image.info.get("alpha_map", False)
+    return ImageResult(task.stem, state, pred_size, None, cache_error,
+                       pred_mode=None if mode in _GRAY_MODES or alpha else mode, alpha_map=alpha)
 
 
 # Modes read as gray levels unchanged; any other (RGB, palette, with alpha) is converted to L with a note.
@@ -252,6 +255,7 @@ def evaluate_dataset(name: str, tasks: Sequence[ImageTask], mapper: Callable, pr
     resized: list[str] = []
     cache_errors: set[str] = set()
     colored: list[str] = []
+    cutouts: list[str] = []
     results = mapper(evaluate_image, tasks)
     for result in tqdm(results, total=len(tasks), desc=name_shown, unit="img", disable=None if progress else True):
         if result.error is not None:
@@ -266,6 +270,8 @@ def evaluate_dataset(name: str, tasks: Sequence[ImageTask], mapper: Callable, pr
             cache_errors.add(result.cache_error)
         if result.pred_mode is not None:
             colored.append(f"{result.stem}.png ({result.pred_mode})")
+        if result.alpha_map:
+            cutouts.append(f"{result.stem}.png")
     if unreadable:
         raise EvalFailed(f"{name_shown}: {len(unreadable)} unreadable image(s): {listing(unreadable, sep='; ')}")
     if resized:
@@ -274,6 +280,15 @@ def evaluate_dataset(name: str, tasks: Sequence[ImageTask], mapper: Callable, pr
     if colored:
         logger.warning("%s: %d prediction(s) are not grayscale and were converted to gray levels (PIL's L: "
                        "0.299 R + 0.587 G + 0.114 B, alpha dropped): %s", name_shown, len(colored), listing(colored))
+    if cutouts:
+        logger.warning("%s: %d prediction(s) have an alpha channel that varies (cutouts, as test.py --save_mode "
+                       "rgba writes them): their alpha was scored as the map: %s", name_shown, len(cutouts),
+                       listing(cutouts))
+    no_boundary = undefined_mba(images)
+    if no_boundary:
+        logger.warning("%s: mBA is undefined for %d image(s) whose GT is all background or all foreground (no "
+                       "boundary; BiRefNet's code gives NaN); mBA averages the other images: %s", name_shown,
+                       len(no_boundary), listing(no_boundary))
     if cache_errors:
         logger.warning("%s: could not write the HCE skeleton cache or other eval cache entries (%s); "
                        "evaluation went on without it",
@@ -295,13 +310,23 @@ def evaluate(pred_root: Path, gt_root: Path, datasets: Sequence[str] = EVAL_SPLI
         return {name: evaluate_dataset(name, tasks[name], mapper, progress) for name in datasets}
 
 
+def check_folder(path: Path, flag: str) -> None:
+    """EvalError when `path` is a file: the flag takes a folder."""
+    if path.exists() and not path.is_dir():
+        raise EvalError(f"{flag} {path}: is a file, not a folder; {flag} takes a folder")
+
+
 def parse_methods(specs: Sequence[str | Path]) -> list[Method]:
     """Methods from `DIR` (named by the folder) or `NAME=DIR`; EvalError when two share a name."""
     methods = []
     for spec in specs:
         name, sep, folder = str(spec).partition("=")
+        if sep and not name and not Path(spec).exists():
+            raise EvalError(f"--pred_root {spec}: the NAME before '=' is empty; write NAME=DIR, or DIR alone "
+                            "to name the method by its folder")
         if not sep or not name or os.sep in name:
             name, folder = Path(spec).resolve().name or str(spec), str(spec)
+        check_folder(Path(folder), "--pred_root")
         methods.append(Method(name, Path(folder)))
     seen: dict[str, Method] = {}
     for method in methods:
@@ -364,6 +389,7 @@ def write_outputs(config: EvalConfig, results: dict[str, dict[str, DatasetResult
 def run_evaluation(config: EvalConfig) -> tuple[str, list[str]]:
     """Evaluate and write the requested files: the Markdown table(s) of config.metrics and the outputs that failed."""
     specs = [config.pred_root] if isinstance(config.pred_root, (str, Path)) else list(config.pred_root)
+    check_folder(Path(config.gt_root), "--gt_root")
     methods = parse_methods(specs)
     boundary = any(m in BOUNDARY_METRICS for m in config.metrics)
     if len(methods) == 1:  # today's single-method run: a missing prediction is an error

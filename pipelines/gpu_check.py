@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from utils.atomic import check_writable_dir
 from utils.errors import EXIT_FAILED, EXIT_OK, FSANetError
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,10 @@ def run_stage(stage: Stage, budget: Budget, out: Path, env: dict[str, str]) -> S
             stage.timed_out = True
             os.killpg(proc.pid, signal.SIGKILL)  # torchrun and DataLoader children too
             stage.rc = proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: the stage runs in its own session, stop it too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     stage.seconds = time.monotonic() - start
     stage.output = stage.log_path.read_text(errors="replace")
     return stage
@@ -284,6 +289,7 @@ def run_gpu_check(out: Path, budget_s: float = 460.0, compile_model: bool = Fals
 
     Raises FSANetError (exit 2) before any stage when a package or the reference fixtures are missing.
     """
+    check_writable_dir(out, "--out")  # a bad --out is refused on every machine, not only on one with a GPU
     message = no_gpu_message()
     if message is not None:
         print(message)

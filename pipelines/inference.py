@@ -142,8 +142,8 @@ def folder_job(input_dir: str | os.PathLike, save_dir: str | os.PathLike, name: 
     """Every image directly in `input_dir`, mapped to `<save_dir>/<stem>.png`; `exif`: apply EXIF orientation."""
     input_dir, save_dir = Path(input_dir), Path(save_dir)
     if input_dir.is_file():
-        raise InferenceError(f"{input_dir}: a file, not a folder; --input takes a folder of images or a video "
-                             "file (mp4, m4v, mov, avi, mkv, webm)")
+        raise InferenceError(f"--input {input_dir}: is a file, not a folder; --input takes a folder of images "
+                             "or a video file (mp4, m4v, mov, avi, mkv, webm)")
     try:
         images = list_images(input_dir)
     except FileNotFoundError:

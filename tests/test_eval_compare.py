@@ -18,7 +18,8 @@ from pipelines import eval_reports
 from pipelines.evaluation import evaluate
 from utils import gt_cache, thinning
 from utils.boundary_metrics import BoundaryAccuracy, BoundaryIoU
-from utils.metrics import ALL_METRICS, BOUNDARY_METRICS
+from utils.metrics import ALL_METRICS, BOUNDARY_METRICS, FIELD_METRICS
+from utils.result_cache import result_key, result_path
 
 
 @pytest.fixture(scope="module")
@@ -177,14 +178,17 @@ def test_results_cache_hits_and_invalidation(tmp_path: Path, reference_dir: Path
     assert evaluate(pred_root, gt_root, ["case"], cache_dir=cache, progress=False)["case"].metrics == first == fresh
     assert [e.stat().st_mtime_ns for e in entries] == stamps  # served, not rewritten
 
-    entries[0].write_text("{not json")
+    # Corrupt the entry of an image whose prediction stays the same (the keys' order is the hashes').
+    kept = result_path(cache, result_key((gt_root / "case" / "gt" / "case_000.png").read_bytes(),
+                                         (pred_root / "case" / "case_000.png").read_bytes(), FIELD_METRICS))
+    kept.write_text("{not json")
     pred_path = pred_root / "case" / "case_001.png"
     cv2.imwrite(str(pred_path), 255 - cv2.imread(str(pred_path), cv2.IMREAD_GRAYSCALE))
     changed = evaluate(pred_root, gt_root, ["case"], cache_dir=cache, progress=False)["case"].metrics
     assert changed == evaluate(pred_root, gt_root, ["case"], cache_dir=None, progress=False)["case"].metrics
     assert changed != first
     assert len(list((cache / "results").rglob("*.json"))) == 4
-    assert json.loads(entries[0].read_text())["state"]  # the corrupt entry was rewritten
+    assert json.loads(kept.read_text())["state"]  # the corrupt entry was rewritten
 
 
 def test_comparison_bad_input(tmp_path: Path, reference_dir: Path) -> None:

@@ -69,8 +69,10 @@ class BoundaryAccuracy:
     ```
 
     Per image: the mean over 5 radii of the fraction of pixels in the GT's morphological gradient band
-    where `pred > 128` equals `gt > 128`; mBA is the mean over images. A GT without both foreground
-    and background has an empty band and gives NaN, as in the reference.
+    where `pred > 128` equals `gt > 128`. A GT without both foreground and background (all 0 or all 255)
+    has an empty band: its accuracy is 0 / 0, NaN, as in the reference. mBA is the mean over the images
+    where it is defined (the reference's mean would be NaN for the whole dataset); `undefined_mba` names
+    the others.
     """
 
     def __init__(self) -> None:
@@ -89,8 +91,15 @@ class BoundaryAccuracy:
         self.bas.append(float(sum(accuracies) / BA_STEPS))
 
     def get_results(self) -> dict[str, float]:
-        """{"mba": mean over images}."""
-        return {"mba": float(np.mean(np.array(self.bas, dtype=np.float64)))}
+        """{"mba": mean over the images where it is defined (NaN when it is defined for none)}."""
+        bas = np.array(self.bas, dtype=np.float64)
+        defined = bas[np.isfinite(bas)]
+        return {"mba": float(defined.mean()) if defined.size else float("nan")}
+
+
+def undefined_mba(images: list[dict[str, float | str]]) -> list[str]:
+    """The names of per-image summaries whose mBA is undefined (a GT with no boundary)."""
+    return [str(im["image"]) for im in images if "mBA" in im and not np.isfinite(float(im["mBA"]))]
 
 
 class BoundaryIoU:

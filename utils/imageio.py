@@ -18,6 +18,7 @@ release, and DIS5K mode, read the stored pixels as they are.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import struct
@@ -92,8 +93,25 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: image folder not found")
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+    # A link that leads nowhere is listed, so that reading it names it instead of skipping it silently.
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+                  and (p.is_file() or broken_link(p) is not None))
+
+
+def broken_link(path: str | os.PathLike) -> str | None:
+    """What is wrong with `path` when it is a symbolic link that leads to no file (dangling or looping), else None."""
+    path = Path(path)
+    if not path.is_symlink():
+        return None
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return f"a broken symbolic link (its target {os.readlink(path)} does not exist)"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link that loops (it leads back to itself)"
+        raise
+    return None
 
 
 @contextlib.contextmanager
@@ -112,6 +130,13 @@ def _bomb_guard_lifted() -> Iterator[None]:
             _bomb_depth -= 1
             if _bomb_depth == 0:
                 Image.MAX_IMAGE_PIXELS = _bomb_saved
+
+
+def _check_link(path: Path, data: bytes | None = None) -> None:
+    """ImageReadError naming `path` when it is a symbolic link to no file (unless its bytes are already read)."""
+    problem = broken_link(path) if data is None else None
+    if problem is not None:
+        raise ImageReadError(f"{path}: cannot read it: {problem}")
 
 
 def _reason(error: Exception) -> str:
@@ -146,6 +171,7 @@ def _decode(path: str | os.PathLike, mode: str, min_side: int | None, data: byte
     path = Path(path)
     if min_side is not None and min_side < 1:
         raise ValueError(f"min_side must be a positive int or None, not {min_side}")
+    _check_link(path, data)
     try:
         with _bomb_guard_lifted(), Image.open(path if data is None else io.BytesIO(data)) as im:
             _check_budget(path, im.size)
@@ -190,12 +216,31 @@ def read_mask(path: str | os.PathLike, min_side: int | None = None, data: bytes 
     return _decode(path, "L", min_side, data)
 
 
+# PIL modes with an alpha channel: test.py --save_mode rgba writes the map as the alpha of the photo.
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+
+def read_map(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
+    """Read a prediction map as mode L; for an image with an alpha channel that varies (a cutout of test.py
+    --save_mode rgba) the alpha is the map, and `info["alpha_map"]` says so. Otherwise read_mask's gray levels."""
+    image = read_mask(path, data=data)
+    if image.info["source_mode"] not in ALPHA_MODES:
+        return image
+    alpha = _decode(path, "RGBA", None, data).getchannel("A")
+    low, high = alpha.getextrema()
+    if low == high:  # a constant alpha holds no map: the gray levels are the prediction
+        return image
+    alpha.info.update(source_mode=image.info["source_mode"], alpha_map=True)
+    return alpha
+
+
 def image_size(path: str | os.PathLike, exif: bool = False) -> tuple[int, int]:
     """(width, height) of an image file from its header, without decoding pixels (refused over the budget).
 
     `exif=True`: the size as displayed, after the EXIF orientation (read_rgb's size with exif=True).
     """
     path = Path(path)
+    _check_link(path)
     try:
         with _bomb_guard_lifted(), Image.open(path) as im:
             _check_budget(path, im.size)

@@ -19,9 +19,9 @@ from py_sod_metrics import (
     HumanCorrectionEffortMeasure,
     PrecisionHandler,
     RecallHandler,
-    Smeasure,
     WeightedFmeasure,
 )
+from py_sod_metrics import Smeasure as LibrarySmeasure
 from py_sod_metrics.utils import validate_and_normalize_input
 
 from utils.boundary_metrics import BoundaryAccuracy, BoundaryGround, BoundaryIoU
@@ -38,6 +38,19 @@ FIELD_METRICS: tuple[str, ...] = ("maxF", "wF", "MAE", "Sm", "meanEm", "HCE")
 BINARY_THRESHOLD = 128
 # The field's F-measure weight beta^2.
 F_BETA2 = 0.3
+
+
+class Smeasure(LibrarySmeasure):
+    """PySODMetrics' S-measure, where a quadrant without pixels adds 0 instead of NaN.
+
+    The region score weighs four quadrants around the GT's centroid by their areas; in a 1 x N or N x 1 mask
+    two of them are empty, and the library's 0 (weight) x NaN (SSIM of nothing) made the whole score NaN.
+    Every other image keeps the library's value.
+    """
+
+    def ssim(self, pred: np.ndarray, gt: np.ndarray) -> float:
+        """The library's SSIM of one quadrant; 0 for an empty one (its weight is 0)."""
+        return 0.0 if pred.size == 0 else super().ssim(pred, gt)
 
 
 class HumanCorrectionEffort(HumanCorrectionEffortMeasure):

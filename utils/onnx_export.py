@@ -26,9 +26,13 @@ log = logging.getLogger(__name__)
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 MAX_BATCH = 1024  # upper bound of the dynamic batch dimension (torch.export needs one)
+# torch's exporter translates at opset 18 at least; asked for less, it tries to convert down, and FSANet's
+# graph does not convert (the file stays at 18), so 18 is the lowest opset an export can have.
+MIN_OPSET = 18
 # Opset 20 moved DFT's axis to an input, which OpenVINO 2026.4's ONNX frontend ignores (every FFT
-# then runs along the default axis: logits off by ~1); with 17 the axis is an attribute both read.
-DEFAULT_OPSET = 17
+# then runs along the default axis: logits off by ~1); at 18 and 19 the axis is an attribute both read.
+DEFAULT_OPSET = 18
+OPENVINO_DFT_BREAKS = 20
 # torch 2.4.1 and 2.5.1 fail to translate torch.fft.fft2 (the exporter cannot parse its schema); 2.6.0 exports.
 MIN_EXPORT_TORCH = (2, 6)
 # Loggers of the exporter and its graph passes: INFO chatter, and tracebacks of fallbacks they recover from.
@@ -118,6 +122,21 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, testsize: int, opset:
         _clear_filter_masks(model)
     onnx_program.save(str(path), external_data=external_data)
     return time.perf_counter() - start
+
+
+def max_opset() -> int:
+    """The highest opset the installed onnx package knows (the exporter cannot convert beyond it)."""
+    import onnx.defs
+
+    return onnx.defs.onnx_opset_version()
+
+
+def written_opset(path: str | os.PathLike) -> int:
+    """The default-domain opset an ONNX file declares (its `opset_import`), read without its weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def torch_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:

@@ -21,7 +21,8 @@ import skimage
 
 from utils.atomic import atomic_path
 
-_TAG = (f"fsanet per-image eval v1; numpy {np.__version__}; scipy {scipy.__version__}; "
+# v2: cutouts scored by their alpha, S-measure of 1 x N masks, mBA of GTs with no boundary.
+_TAG = (f"fsanet per-image eval v2; numpy {np.__version__}; scipy {scipy.__version__}; "
         f"skimage {skimage.__version__}; opencv {cv2.__version__}; "
         f"pysodmetrics {metadata.version('pysodmetrics')}").encode()
 

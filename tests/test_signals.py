@@ -1,0 +1,169 @@
+"""SIGTERM (schedulers, `timeout`, `kill PID`) and SIGHUP (a closed terminal) end every script as Ctrl-C does:
+the same one-line summary, exit 143 or 129, no temporary file and no process left behind."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from PIL import Image
+from test_reliability import SMALL, ckpt, temp_files, tiny_split, train_args  # noqa: F401  (fixtures)
+
+from pipelines.cli import Interrupted, run_cli
+
+
+def stoppable() -> None:
+    """Child set-up: SIGINT, SIGTERM and SIGHUP at their defaults, whatever the test runner inherited
+    (a background shell ignores SIGINT, `nohup` SIGHUP), so the script installs its own handlers."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every living process below `pid` (children, grandchildren, ...), read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting to be reaped does not)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(condition, timeout: float = 300) -> None:
+    """Poll `condition` until it holds (the test then acts on a process that is mid-run)."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def test_run_cli_maps_stop_signals_to_their_exit_codes(capsys) -> None:
+    def stopped_by(signum: int):
+        def body() -> int:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises here
+            return 0
+        return body
+    before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]
+    assert run_cli(stopped_by(signal.SIGTERM), lambda: "3 maps written") == 143
+    assert capsys.readouterr().err == "interrupted (SIGTERM): 3 maps written\n"
+    assert run_cli(stopped_by(signal.SIGHUP)) == 129
+    assert capsys.readouterr().err == "interrupted (SIGHUP)\n"
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)] == before  # handlers restored
+    assert isinstance(Interrupted(signal.SIGTERM), KeyboardInterrupt)  # every Ctrl-C path runs for it
+
+
+@pytest.mark.slow
+def test_sigterm_while_saving_leaves_no_temp_file(tmp_path: Path) -> None:
+    """The signal arrives inside torch.save of a checkpoint: exit 143, the old file kept, no temp file."""
+    target = tmp_path / "last.pth"
+    target.write_bytes(b"the previous checkpoint")
+    code = ("import os, signal, sys, torch\n"
+            "from pipelines.cli import run_cli\n"
+            "from utils.atomic import atomic_torch_save\n"
+            "class Stop:\n"
+            "    def __reduce__(self):\n"  # pickled mid-write: the signal lands inside torch.save
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        return (int, (0,))\n"
+            "state = {'w': torch.zeros(1_000_000), 'stop': Stop(), 'v': torch.ones(1_000_000)}\n"
+            f"sys.exit(run_cli(lambda: atomic_torch_save(state, {str(target)!r}), lambda: 'save stopped'))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=stoppable)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "interrupted (SIGTERM): save stopped"
+    assert target.read_bytes() == b"the previous checkpoint" and not temp_files(tmp_path)
+
+
+@pytest.mark.slow
+def test_sighup_in_test_py_reports_maps_written(ckpt: Path, tmp_path: Path) -> None:  # noqa: F811
+    photos, out = tmp_path / "photos", tmp_path / "maps"
+    photos.mkdir()
+    for i in range(200):
+        Image.fromarray(np.full((48, 40, 3), i, np.uint8)).save(photos / f"p{i:03d}.png")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "test.py"), "--pth_path", str(ckpt), "--input", str(photos),
+                             "--save_root", str(out), "--testsize", SMALL, "--device", "cpu", "--runtime", "torch"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=stoppable)
+    wait_for(lambda: list(out.glob("p*.png")) or proc.poll() is not None)
+    proc.send_signal(signal.SIGHUP)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 129, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted (SIGHUP): ") and "maps written" in last and "--skip_existing" in last, last
+    written = int(last.split(": ", 1)[1].split()[0])
+    assert 0 < written == len(list(out.glob("p*.png"))) < 200
+    assert "Traceback" not in stderr and not temp_files(out)
+
+
+@pytest.mark.slow
+def test_sigterm_in_train_py_names_where_it_stopped(tiny_split: Path, tmp_path: Path) -> None:  # noqa: F811
+    """SIGTERM once training runs (DataLoader workers up): one line, exit 143, no worker left behind."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                             *train_args(tiny_split, tmp_path, "--epoch", "50", "--num_workers", "2")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=stoppable)
+    seen = []
+    for line in proc.stderr:  # log lines end in newlines; wait for the loop to start
+        seen.append(line)
+        if "training on" in line:
+            break
+    children = descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 143, stderr
+    final = stderr.strip().splitlines()[-1]
+    assert final.startswith("interrupted (SIGTERM): in epoch ") and " of 50" in final, final
+    assert "Traceback" not in stderr and not temp_files(tmp_path)
+    wait_for(lambda: not any(alive(pid) for pid in children), timeout=30)
+    assert not [pid for pid in children if alive(pid)]
+
+
+@pytest.mark.slow
+def test_sigterm_in_eval_py_leaves_no_worker_behind(reference_dir: Path, tmp_path: Path) -> None:
+    """`kill PID` of eval.py with a process pool (workers, fork server, resource tracker): exit 143, one line,
+    and none of its processes outlive it."""
+    case = reference_dir / "eval_case"
+    (tmp_path / "gt" / "case" / "gt").mkdir(parents=True)
+    (tmp_path / "pred" / "case").mkdir(parents=True)
+    for copy in range(12):
+        for gt in sorted((case / "gt").glob("*.png")):
+            shutil.copy(gt, tmp_path / "gt" / "case" / "gt" / f"{copy}_{gt.name}")
+            shutil.copy(case / "pred" / gt.name, tmp_path / "pred" / "case" / f"{copy}_{gt.name}")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), "--gt_root", str(tmp_path / "gt"),
+                             "--pred_root", str(tmp_path / "pred"), "--datasets", "case", "--workers", "2",
+                             "--no_cache", "--save_json", str(tmp_path / "m.json")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=stoppable)
+    wait_for(lambda: len(descendants(proc.pid)) >= 3 or proc.poll() is not None)  # workers started
+    time.sleep(1)
+    children = descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    out, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted (SIGTERM): no table printed and no output written"
+    assert "Traceback" not in stderr and not out and not (tmp_path / "m.json").exists()
+    wait_for(lambda: not any(alive(pid) for pid in children), timeout=30)
+    assert len(children) >= 3 and not [pid for pid in children if alive(pid)]

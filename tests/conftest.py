@@ -37,6 +37,13 @@ def private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
 
 
 @pytest.fixture(scope="session")
+def dead_pid() -> int:
+    """A pid no process holds: Linux's pid_max is one past the largest pid it hands out (no child is spawned, as a
+    fork after OpenVINO's and DataLoader's threads is what the temp-file tests must not depend on)."""
+    return int(Path("/proc/sys/kernel/pid_max").read_text())
+
+
+@pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The read-only folder of fixtures computed with the authors' code."""
     if not REFERENCE.is_dir():

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -91,12 +89,11 @@ def test_read_hashed_and_open_file_digest_name_the_bytes_used(tmp_path):
         assert f.read() == b"weights-B"
 
 
-def test_orphaned_temps_are_removed_but_a_live_writers_are_kept(tmp_path):
+def test_orphaned_temps_are_removed_but_a_live_writers_are_kept(tmp_path, dead_pid):
     """A temp file whose writer died is removed (subfolders too); one a live process writes stays."""
     sub = tmp_path / "results" / "ab"
     sub.mkdir(parents=True)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = sub / f".x.json.{int(dead.stdout)}.abcdefgh.tmp"
+    orphan = sub / f".x.json.{dead_pid}.abcdefgh.tmp"
     orphan.write_text("half")
     live = tmp_path / f".y.json.{os.getppid()}.abcdefgh.tmp"
     live.write_text("being written")

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +245,7 @@ def test_cache_misses_after_a_library_upgrade_or_a_code_change(tmp_path: Path, m
     assert decoded and len(list(cache.glob("*.npy"))) == 2
 
 
-def test_cache_hit_equals_decoding_and_orphaned_temps_are_removed(tmp_path: Path) -> None:
+def test_cache_hit_equals_decoding_and_orphaned_temps_are_removed(tmp_path: Path, dead_pid: int) -> None:
     """A hit gives the decoded tensors bit for bit (both decode modes); a killed run's temp entry is removed."""
     split, cache = tmp_path / "split", tmp_path / "cache"
     _pair(split, "x", (90, 60), seed=3)
@@ -255,8 +253,7 @@ def test_cache_hit_equals_decoding_and_orphaned_temps_are_removed(tmp_path: Path
         decoded = TrainDataset(split, trainsize=24, fast_decode=fast)[0]
         for _ in range(2):  # the miss that writes the entry, then the hit
             assert all(torch.equal(a, b) for a, b in zip(_cached_sample(split, cache, fast_decode=fast), decoded))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = cache / f".x-0123.npy.{int(dead.stdout)}.abcdefgh.tmp"
+    orphan = cache / f".x-0123.npy.{dead_pid}.abcdefgh.tmp"
     orphan.write_bytes(b"half an entry")
     TrainDataset(split, trainsize=24, cache_dir=cache)
     assert not orphan.exists() and len(list(cache.glob("*.npy"))) == 2

@@ -351,12 +351,11 @@ def test_openvino_compiles_without_its_cache_when_the_folder_cannot_be_used(tmp_
 
 # ---- cache faults: killed and failed exports, full, read-only and unusable caches ----
 
-def test_orphaned_temp_files_are_removed_by_the_next_run(small_ckpt: Path, tmp_path: Path) -> None:
+def test_orphaned_temp_files_are_removed_by_the_next_run(small_ckpt: Path, tmp_path: Path, dead_pid: int) -> None:
     """Issue 22, item 7: what a killed export left (its writer's pid is gone) is removed; a live writer's stays."""
     onnx = tmp_path / "cache" / "onnx"
     onnx.mkdir(parents=True)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = onnx / f".fsanet-resnet50-64-abc.onnx.{int(dead.stdout)}.abcdefgh.tmp"
+    orphan = onnx / f".fsanet-resnet50-64-abc.onnx.{dead_pid}.abcdefgh.tmp"
     orphan.write_bytes(b"x" * 1000)
     live = onnx / f".fsanet-resnet50-64-def.onnx.{os.getppid()}.abcdefgh.tmp"
     live.write_bytes(b"y")
@@ -495,10 +494,9 @@ def test_a_read_only_cache_with_a_sound_entry_is_used(small_ckpt: Path, tmp_path
     assert runtimes.load_runner("onnxruntime", spec, None, root).source == entry
 
 
-def test_orphaned_temporary_cache_folders_are_removed(private_tmp: Path) -> None:
+def test_orphaned_temporary_cache_folders_are_removed(private_tmp: Path, dead_pid: int) -> None:
     """A killed run's temporary cache folder (its pid gone) is removed by the next; a live run's stays."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = private_tmp / f"fsanet-cache-{int(dead.stdout)}-abcd1234"
+    orphan = private_tmp / f"fsanet-cache-{dead_pid}-abcd1234"
     legacy = private_tmp / "fsanet-cache-k2j4h5g6"  # the older, pid-less fallback, never removed before
     live = private_tmp / f"fsanet-cache-{os.getppid()}-abcd1234"
     unrelated = private_tmp / "fsanet-cache-notes"
@@ -510,3 +508,21 @@ def test_orphaned_temporary_cache_folders_are_removed(private_tmp: Path) -> None
     assert Path(scratch.name).is_dir() and f"fsanet-cache-{os.getpid()}-" in scratch.name
     scratch.cleanup()
     assert not Path(scratch.name).exists()
+
+
+def test_a_child_ending_after_two_openvino_models_were_freed_does_not_crash_the_process(tmp_path: Path) -> None:
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack for one of its own and puts back the one it
+    found when freed: two models freed in the order they were made leave the first one's freed stack in place.
+    Python's handlers run on it (SA_ONSTACK): with a SIGCHLD handler installed (a DataLoader with workers installs
+    one), the next child to end killed the process with SIGSEGV. Run in a child so a crash fails this test alone."""
+    onnx_path = tmp_path / "tiny.onnx"
+    tiny_onnx(onnx_path, 32)
+    code = (f"import gc, signal, subprocess, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from pathlib import Path\nfrom utils.runtimes import OpenVINORunner\n"
+            "signal.signal(signal.SIGCHLD, lambda *args: None)\n"
+            f"first, second = (OpenVINORunner(Path({str(onnx_path)!r}), 32) for _ in range(2))\n"
+            "del first; gc.collect()\ndel second; gc.collect()\n"
+            "subprocess.run([sys.executable, '-c', 'pass'], check=True)\nprint('alive')\n")
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", (proc.returncode, proc.stderr[-2000:])

@@ -10,11 +10,14 @@ exports the cache no longer holds are removed, and so is a blob compiled from an
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import logging
 import os
 import shutil
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,12 +87,14 @@ class OpenVINORunner(ExportedRunner):
         shape = self.compiled.input(0).get_partial_shape()
         self.batch = shape[0].get_length() if shape[0].is_static else None
         _check_input_size(onnx_path, [d.get_length() if d.is_static else -1 for d in shape][2:], testsize)
-        self.request = self.compiled.create_infer_request()
+        with kept_signal_stack():
+            self.request = self.compiled.create_infer_request()
         self.source = onnx_path
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         """One infer request (one image per request for a batch-1 export)."""
-        result = self.request.infer({0: images})
+        with kept_signal_stack():
+            result = self.request.infer({0: images})
         # The request reuses its output buffer on the next call: copy.
         return np.array(result[0], dtype=np.float32, copy=True)
 
@@ -123,8 +128,42 @@ class OnnxRuntimeRunner(ExportedRunner):
         return self.session.run(None, {self.input_name: images})[0]
 
 
+class _SignalStack(ctypes.Structure):
+    """POSIX stack_t, for sigaltstack(2)."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def kept_signal_stack() -> Iterator[None]:
+    """Restore the calling thread's alternate signal stack after the block.
+
+    OpenVINO's CPU plugin points the calling thread's alternate signal stack at memory of its own and frees that
+    memory with the plugin; Python's handlers run on that stack (SA_ONSTACK), so the next SIGCHLD (a DataLoader
+    worker or any child process ending) would then kill the process with SIGSEGV.
+    """
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(saved), None)
+
+
 def _compile_openvino(onnx_path: Path, precision: str, compile_cache: Path | None) -> object:
     """`onnx_path` compiled by OpenVINO for the CPU; without its cache when the cache folder cannot be used."""
+    with kept_signal_stack():
+        return _compile_openvino_here(onnx_path, precision, compile_cache)
+
+
+def _compile_openvino_here(onnx_path: Path, precision: str, compile_cache: Path | None) -> object:
+    """_compile_openvino's work, on whatever signal stack OpenVINO sets."""
     import openvino as ov
 
     options = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}

@@ -149,3 +149,13 @@ def remove_orphaned_temps(folder: str | os.PathLike, suffixes: tuple[str, ...], 
         return []
     folders = [folder, *(p for p in folder.rglob("*") if p.is_dir())] if recursive else [folder]
     return [path for sub in folders for path in remove_stale_temps(sub, suffixes)]
+
+
+@functools.cache
+def process_fields(modules: tuple[str, ...], libraries: tuple[str, ...]) -> dict[str, object]:
+    """`computation_fields` of code and libraries alone, once per process: per-item caches add their content.
+
+    A process does not change its code or libraries while it runs; a test that simulates either clears this
+    memo (`process_fields.cache_clear()`) with `code_digest`'s. Callers copy the dict before adding to it.
+    """
+    return computation_fields(modules, libraries)

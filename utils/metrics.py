@@ -25,8 +25,9 @@ from py_sod_metrics import (
 from py_sod_metrics.utils import validate_and_normalize_input
 
 from utils.boundary_metrics import BoundaryAccuracy, BoundaryGround, BoundaryIoU
-from utils.gt_cache import WFGround, weighted_fmeasure
+from utils.level_metrics import adaptive_threshold, level_counts, normalised_levels, step_emeasure, step_fmeasure
 from utils.thinning import gt_skeleton
+from utils.wf_ground import WFGround, weighted_fmeasure_of_error, wf_ground
 
 # Every metric reported, in the order of the reference expected.json.
 ALL_METRICS: tuple[str, ...] = ("maxF", "meanF", "adpF", "wF", "MAE", "Sm", "meanEm", "maxEm", "adpEm", "HCE")
@@ -137,16 +138,29 @@ class DISMetrics:
 
     def step(self, pred: np.ndarray, gt: np.ndarray, skeleton: np.ndarray | None = None,
              wf: WFGround | None = None, bands: BoundaryGround | None = None) -> None:
-        """Add one raw 8-bit prediction/GT pair of the same size; skeleton, wf, bands: the GT's parts, if known."""
-        # Normalising once and passing normalize=False gives each class exactly what its own
-        # normalize=True path would compute, without redoing it five times.
-        pred_norm, gt_bin = validate_and_normalize_input(pred, gt, normalize=True)
-        for metric in (self.fmeasure, self.emeasure, self.smeasure, self.mae):
-            metric.step(pred_norm, gt_bin, normalize=False)
+        """Add one raw 8-bit prediction/GT pair of the same size; skeleton, wf, bands: the GT's parts, if known.
+
+        Every value is the library's: the normalised prediction is looked up per gray level
+        (`utils.level_metrics`), the threshold metrics come from per-level counts, the weighted F from the
+        GT side computed once (`utils.wf_ground`); S-measure and MAE run the library's code on the same array.
+        """
+        if pred.shape != gt.shape:
+            raise ValueError(f"Shape mismatch between prediction ({pred.shape}) and ground truth ({gt.shape})")
+        gt_bin = gt > BINARY_THRESHOLD
+        levels = normalised_levels(pred)
+        pred_norm = levels[pred]
+        inside, outside = level_counts(pred, gt_bin)
+        threshold = adaptive_threshold(pred_norm)
+        step_fmeasure(self.fmeasure, levels, inside, outside, threshold)
+        step_emeasure(self.emeasure, levels, inside, outside, threshold, gt_bin.shape)
+        self.smeasure.sms.append(self.smeasure.cal_sm(pred_norm, gt_bin))
+        error = np.abs(pred_norm - gt_bin)
+        del pred_norm
+        self.mae.maes.append(np.mean(error))
         if wf is None:
-            self.wfmeasure.step(pred_norm, gt_bin, normalize=False)
-        else:  # the library's value from the GT's precomputed distance transform
-            self.wfmeasure.weighted_fms.append(weighted_fmeasure(pred_norm, gt_bin, wf, self.wfmeasure.beta))
+            wf = wf_ground(gt_bin)
+        self.wfmeasure.weighted_fms.append(weighted_fmeasure_of_error(error, gt_bin, wf, self.wfmeasure.beta))
+        del error
         self.hce.step(pred, gt, skeleton)
         if self.boundary:
             self.mba.step(pred, gt, bands)

@@ -71,14 +71,14 @@ def test_a_library_upgrade_misses_every_eval_cache(tmp_path: Path, reference_dir
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS[:2]})
     cache = tmp_path / "cache"
     first = evaluate(pred_root, gt_root, ["case"], cache_dir=cache, progress=False)["case"].metrics
-    assert entries(cache) == {"skeleton": 2, "gt": 2, "results": 2}
+    assert entries(cache) == {"skeleton": 2, "gt": 4, "results": 2}
     real = cache_keys.library_versions
     monkeypatch.setattr(cache_keys, "library_versions",
                         lambda names: {n: ("99.0" if n == "pillow" else v) for n, v in real(names).items()})
     cache_keys.process_fields.cache_clear()
     again = evaluate(pred_root, gt_root, ["case"], cache_dir=cache, progress=False)["case"].metrics
     assert again == first
-    assert entries(cache) == {"skeleton": 4, "gt": 4, "results": 4}
+    assert entries(cache) == {"skeleton": 4, "gt": 8, "results": 4}
 
 
 def test_a_cache_hit_keeps_the_first_passes_notes(tmp_path: Path, reference_dir: Path,

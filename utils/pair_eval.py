@@ -16,10 +16,11 @@ import cv2
 import numpy as np
 
 from utils.boundary_metrics import BoundaryGround
-from utils.gt_cache import cached_boundary_ground, cached_skeleton, cached_wf_ground
+from utils.gt_cache import cached_boundary_ground, cached_skeleton, cached_sm_ground, cached_wf_ground
 from utils.imageio import ImageReadError, read_mask
 from utils.metrics import BINARY_THRESHOLD, BOUNDARY_METRICS, FIELD_METRICS, DISMetrics
 from utils.result_cache import load_result, result_key, store_result
+from utils.structure_measure import SMGround
 from utils.wf_ground import WFGround
 
 # Modes read as gray levels unchanged; any other (RGB, palette, with alpha) is converted to L with a note.
@@ -68,6 +69,7 @@ class GTSide:
     skeleton: np.ndarray | None = None
     wf: WFGround | None = None
     bands: BoundaryGround | None = None
+    sm: SMGround | None = None
     cache_error: str | None = None
 
     def prepare(self) -> None:
@@ -79,10 +81,11 @@ class GTSide:
         cache_dir = self.task.cache_dir
         self.skeleton, skeleton_error = cached_skeleton(self.data, gt_bin, cache_dir)
         self.wf, wf_error = cached_wf_ground(self.data, gt_bin, cache_dir)
+        self.sm, sm_error = cached_sm_ground(self.data, gt_bin, cache_dir)
         bands_error = None
         if self.task.boundary:
             self.bands, bands_error = cached_boundary_ground(self.data, gt, cache_dir)
-        self.cache_error = skeleton_error or wf_error or bands_error
+        self.cache_error = skeleton_error or wf_error or sm_error or bands_error
         self.gt = gt
 
 
@@ -120,7 +123,7 @@ def evaluate_pair(task: ImageTask, side: GTSide) -> ImageResult:
         pred_size = pred.shape
         pred = cv2.resize(pred, (gt.shape[1], gt.shape[0]), interpolation=cv2.INTER_LINEAR)
     metrics = DISMetrics(task.boundary)
-    metrics.step(pred, gt, side.skeleton, side.wf, side.bands)
+    metrics.step(pred, gt, side.skeleton, side.wf, side.bands, side.sm)
     state, store_error = metrics.state(), None
     mode = _gray_note(pred_image.info.get("source_mode"))
     if key:

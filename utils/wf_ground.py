@@ -80,9 +80,10 @@ def squared_distances(gt_bin: np.ndarray) -> np.ndarray:
     return squared[background].astype(np.uint32)
 
 
-def nearest_in_reach(gt_bin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flat indices of the background pixels within the kernel's reach of the foreground, and of their nearest
-    foreground pixel, ties broken as scipy's `distance_transform_edt(return_indices=True)` breaks them."""
+def reach_codes(gt_bin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of the background pixels within the kernel's reach of the foreground, and the index (in
+    `_reach_offsets`) of the offset to their nearest foreground pixel, ties broken as scipy's
+    `distance_transform_edt(return_indices=True)` breaks them."""
     h, w = gt_bin.shape
     fg = gt_bin.view(np.uint8)
     size = 2 * _MARGIN + 1
@@ -95,14 +96,20 @@ def nearest_in_reach(gt_bin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = np.divmod(ring, w)
     pending = (rows + pad) * stride + cols + pad
     which = np.arange(ring.size)
-    nearest = np.empty(ring.size, dtype=np.intp)
-    for dr, dc in _reach_offsets():
+    codes = np.empty(ring.size, dtype=np.uint8)
+    for code, (dr, dc) in enumerate(_reach_offsets()):
         hit = flat[pending + dr * stride + dc]
-        nearest[which[hit]] = ring[which[hit]] + dr * w + dc
+        codes[which[hit]] = code
         pending, which = pending[~hit], which[~hit]
         if not pending.size:
             break
-    return ring, nearest
+    return ring, codes
+
+
+def nearest_of_codes(ring: np.ndarray, codes: np.ndarray, width: int) -> np.ndarray:
+    """Flat indices of the nearest foreground pixels from `reach_codes`' output."""
+    steps = np.array([dr * width + dc for dr, dc in _reach_offsets()], dtype=np.intp)
+    return ring + steps[codes]
 
 
 def foreground_tiles(gt_bin: np.ndarray) -> tuple[tuple[int, int, int, int], ...]:
@@ -120,19 +127,19 @@ def foreground_tiles(gt_bin: np.ndarray) -> tuple[tuple[int, int, int, int], ...
     return tuple(tiles)
 
 
-def wf_ground(gt_bin: np.ndarray, squared: np.ndarray | None = None) -> WFGround:
-    """WFGround of a boolean GT, from stored squared distances (`squared_distances`) or a fresh transform."""
+def wf_ground(gt_bin: np.ndarray, reach: tuple[np.ndarray, np.ndarray] | None = None) -> WFGround:
+    """WFGround of a boolean GT; `reach`: its `reach_codes`, when stored."""
     gt_bin = np.ascontiguousarray(gt_bin, dtype=bool)
-    if squared is None:
-        squared = squared_distances(gt_bin)
-    ring, nearest = nearest_in_reach(gt_bin)
-    return WFGround(gt_bin.shape, ring, nearest, weight_table()[squared], foreground_tiles(gt_bin))
+    ring, codes = reach_codes(gt_bin) if reach is None else reach
+    weight = weight_table()[squared_distances(gt_bin)]
+    return WFGround(gt_bin.shape, ring, nearest_of_codes(ring, codes, gt_bin.shape[1]), weight,
+                    foreground_tiles(gt_bin))
 
 
 def _smoothed(spread: np.ndarray, ground: WFGround) -> np.ndarray:
     """scipy's `convolve(spread, kernel, mode="constant")`, valid on the ground's tiles (zero elsewhere)."""
     h, w = spread.shape
-    smoothed = np.zeros_like(spread)
+    smoothed = np.empty_like(spread)  # only the tiles are read: they hold every foreground pixel
     for r0, r1, c0, c1 in ground.tiles:
         a0, a1, b0, b1 = max(r0 - _MARGIN, 0), min(r1 + _MARGIN, h), max(c0 - _MARGIN, 0), min(c1 + _MARGIN, w)
         block = ndimage.convolve(spread[a0:a1, b0:b1], weights=_KERNEL, mode="constant", cval=0)
@@ -140,17 +147,21 @@ def _smoothed(spread: np.ndarray, ground: WFGround) -> np.ndarray:
     return smoothed
 
 
-def weighted_fmeasure_of_error(error: np.ndarray, gt: np.ndarray, ground: WFGround, beta: float = 1.0) -> float:
-    """The library's weighted F from E = |pred - gt| (float64, overwritten here) and the GT side."""
+def weighted_fmeasure_of_error(error: np.ndarray, gt: np.ndarray, ground: WFGround, beta: float = 1.0,
+                               fg_error: np.ndarray | None = None, bg_error: np.ndarray | None = None) -> float:
+    """The library's weighted F from E = |pred - gt| (float64, overwritten here) and the GT side;
+    `fg_error`, `bg_error`: E at the foreground / background pixels (row-major), when already known."""
     if not gt.any():
         return 0  # the library's value for an empty GT (an int, as it appends it)
-    background = ~gt
-    fp = np.sum(error[background] * ground.weight)  # the library's Ew[gt == 0]: E times B, row-major
+    if bg_error is None:
+        bg_error = error[~gt]
+    fp = np.sum(bg_error * ground.weight)  # the library's Ew[gt == 0]: E times B, row-major
+    if fg_error is None:
+        fg_error = error[gt]
     flat = error.reshape(-1)
     # Background pixels the kernel reaches take the error at their nearest foreground pixel.
     flat[ground.ring] = flat[ground.nearest]
-    smoothed = _smoothed(error, ground)
-    fg_error, fg_smoothed = error[gt], smoothed[gt]
+    fg_smoothed = _smoothed(error, ground)[gt]
     fg_weighted = np.where(fg_smoothed < fg_error, fg_smoothed, fg_error) * 1.0
     tp = np.sum(gt) - np.sum(fg_weighted)
     recall = 1 - np.mean(fg_weighted)

@@ -11,6 +11,7 @@ and the libraries' versions (`utils.gt_cache`, `utils.result_cache`). Reports: `
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
 import multiprocessing as mp
@@ -135,10 +136,27 @@ def pair_predictions(name: str, gt_root: Path, pred_root: Path, cache_dir: Path 
     return tasks
 
 
+def _keep_freed_memory() -> None:
+    """Under glibc, serve large arrays from the heap and keep freed memory: the metrics' full-image
+    temporaries then reuse pages instead of faulting fresh ones in for every image (about 10% of the time).
+    Resident memory stays at the largest image's working set."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
+    except (OSError, AttributeError):
+        pass  # another C library: its defaults
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
 def _init_worker(pixel_budget: int) -> None:
     """Keep OpenCV single-threaded in workers (the pool already uses every core); leave Ctrl-C to the parent,
     which reports it in one line, instead of one traceback per worker; use the parent's pixel budget."""
     cv2.setNumThreads(1)
+    _keep_freed_memory()
     set_max_pixels(pixel_budget)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -225,16 +243,21 @@ def dataset_result(name: str, tasks: Sequence[ImageTask], results: Sequence[Imag
 
 def evaluate(pred_root: Path, gt_root: Path, datasets: Sequence[str] = EVAL_SPLITS, workers: int = 1,
              cache_dir: Path | None = None, progress: bool = True, boundary: bool = False,
-             read_results: bool = True) -> dict[str, DatasetResult]:
-    """Evaluate every dataset of one method (all pairs are checked before any image is evaluated)."""
+             read_results: bool = True, mapper: Callable | None = None) -> dict[str, DatasetResult]:
+    """Evaluate every dataset of one method (all pairs are checked before any image is evaluated);
+    `mapper`: an `image_mapper` already started, used instead of starting `workers` processes."""
     datasets = list(dict.fromkeys(datasets))
     if not datasets:
         raise EvalError("no datasets to evaluate (pass --datasets)")
     tasks = {name: pair_predictions(name, Path(gt_root), Path(pred_root), cache_dir, boundary, read_results)
              for name in datasets}
     total = sum(len(t) for t in tasks.values())
-    with image_mapper(min(workers, total)) as mapper:
-        results = evaluate_runs({("", name): tasks[name] for name in datasets}, mapper, progress)
+    runs = {("", name): tasks[name] for name in datasets}
+    if mapper is not None:
+        results = evaluate_runs(runs, mapper, progress)
+    else:
+        with image_mapper(min(workers, total)) as started:
+            results = evaluate_runs(runs, started, progress)
     return {name: dataset_result(name, tasks[name], results[("", name)]) for name in datasets}
 
 

@@ -122,20 +122,30 @@ class HumanCorrectionEffort(HumanCorrectionEffortMeasure):
         _, first = np.unique(rows[candidates].astype(np.intp) * mask.shape[1] + cols[candidates], return_index=True)
         taken = np.zeros(len(points), dtype=bool)
         taken[candidates[first]] = True
+        # Runs of taken points, never across two contours; a contour with several runs whose last run
+        # ends next to where its first one starts gets them joined, as the library does.
+        owner = np.repeat(np.arange(len(contours)), [len(c) for c in contours])
+        same = owner[1:] == owner[:-1]
+        after_taken = np.concatenate([[False], taken[:-1] & same])  # the previous point is taken, same contour
+        before_taken = np.concatenate([taken[1:] & same, [False]])
+        starts = np.flatnonzero(taken & ~after_taken)
+        stops = np.flatnonzero(taken & ~before_taken) + 1
         boundaries: list[np.ndarray] = []
-        start = 0
-        for contour in contours:
-            stop = start + len(contour)
-            edges = np.flatnonzero(np.diff(np.concatenate([[0], taken[start:stop].view(np.int8), [0]])))
-            runs = [contour[a:b] for a, b in zip(edges[::2], edges[1::2])]
-            if len(runs) > 1:  # the last run continues into the first one: join them, as the library does
+        run_owner = owner[starts].tolist()
+        i = 0
+        while i < len(starts):
+            j = i + 1
+            while j < len(starts) and run_owner[j] == run_owner[i]:
+                j += 1
+            runs = [points[a:b].reshape(-1, 1, 2) for a, b in zip(starts[i:j], stops[i:j])]
+            if len(runs) > 1:
                 (first_x, first_y), (last_x, last_y) = runs[0][0, 0], runs[-1][-1, 0]
                 dx, dy = abs(int(first_x) - int(last_x)), abs(int(first_y) - int(last_y))
                 if (dx, dy) in ((1, 0), (0, 1), (1, 1)):
                     runs[-1] = np.concatenate([runs[-1], runs[0][::-1]])
                     del runs[0]
-            boundaries.extend(np.ascontiguousarray(run) for run in runs)
-            start = stop
+            boundaries.extend(runs)
+            i = j
         touched = np.unique(labels[rows[taken], cols[taken]])
         return boundaries, regions - 1 - touched.size
 
@@ -200,7 +210,8 @@ class DISMetrics:
         bg_values = levels[bg_levels]  # also E = |pred - 0| there
         self.smeasure.sms.append(s_measure(self.smeasure, pred_norm, gt_bin, sm or sm_ground(gt_bin),
                                            levels[fg_levels], bg_values))
-        error = np.abs(pred_norm - gt_bin)
+        # The library's |pred - gt|, computed in the normalised map's own memory (it is not used again).
+        error = np.abs(np.subtract(pred_norm, gt_bin, out=pred_norm), out=pred_norm)
         del pred_norm
         self.mae.maes.append(np.mean(error))
         if wf is None:

@@ -28,11 +28,11 @@ RESULT_LIBRARIES = ("numpy", "scipy", "scikit-image", "opencv-python-headless", 
 
 
 def result_key(gt_bytes: bytes, pred_bytes: bytes, metric_set: Sequence[str]) -> str:
-    """The cache key of one pair's results under one set of metrics, this code and these libraries."""
+    """The cache key of one pair's results under one set of metrics, this code and these libraries:
+    `<GT digest>-<digest of the rest>`, so the entries of one GT (every method, every code version) sit together."""
     fields = dict(cache_keys.process_fields(RESULT_MODULES, RESULT_LIBRARIES))
-    fields.update(gt_sha256=hashlib.sha256(gt_bytes).hexdigest(), pred_sha256=hashlib.sha256(pred_bytes).hexdigest(),
-                  metrics=",".join(metric_set))
-    return cache_keys.fields_digest(fields)
+    fields.update(pred_sha256=hashlib.sha256(pred_bytes).hexdigest(), metrics=",".join(metric_set))
+    return f"{hashlib.sha256(gt_bytes).hexdigest()}-{cache_keys.fields_digest(fields)}"
 
 
 def result_path(cache_dir: Path, key: str) -> Path:

@@ -1,4 +1,5 @@
-"""eval's caches are keyed by the bytes, the repo code and the libraries that compute them; hits keep notes."""
+"""eval's caches are keyed by the bytes, code and libraries that compute them; hits keep notes; a comparison
+prepares each GT once under one progress bar for the whole run."""
 from __future__ import annotations
 
 import logging
@@ -135,3 +136,32 @@ def test_keys_are_computed_once_per_process_not_per_image(tmp_path: Path, refere
     monkeypatch.setattr(cache_keys, "repo_sources", lambda modules, *a: walks.append(modules) or real(modules, *a))
     evaluate(pred_root, gt_root, ["case"], cache_dir=tmp_path / "cache", progress=False)
     assert sorted(map(tuple, walks)) == [("utils.gt_cache",), ("utils.pair_eval",)]
+
+
+def test_one_progress_bar_counts_every_pair_of_the_run(tmp_path: Path, reference_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two methods on two datasets: one bar whose total is every pair, so its rate and time left cover the run."""
+    from pipelines import evaluation
+
+    gt_root, pred_root = make_layout(tmp_path, reference_dir, {"a": STEMS[:2], "b": STEMS[2:5]})
+    other = tmp_path / "other"
+    shutil.copytree(pred_root, other)
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, **kwargs):
+            bars.append({"total": total, "done": 0})
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            bars[-1]["done"] += n
+
+    monkeypatch.setattr(evaluation, "tqdm", Recorder)
+    evaluate_methods(parse_methods([str(pred_root), f"Other={other}"]), gt_root, ["a", "b"], workers=1,
+                     cache_dir=None, progress=True)
+    assert bars == [{"total": 10, "done": 10}]

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from pipelines import eval_reports as reports
 from utils.cache_keys import default_cache_dir as fsanet_cache_dir
+from utils.cache_keys import remove_orphaned_temps
 from utils.dis5k import EVAL_SPLITS, TE_MEAN_ROW, TE_SUBSETS, expected_folders, split_folders
 from utils.errors import FSANetError, RunError, listing
 from utils.imageio import list_images, max_pixels, set_max_pixels
@@ -187,6 +188,9 @@ def evaluate_runs(runs: dict[tuple[str, str], Sequence[ImageTask]], mapper: Call
                   progress: bool = True) -> dict[tuple[str, str], list[ImageResult]]:
     """Evaluate the pairs of every (method, dataset) run; the pairs of one GT (one per method) go to one
     worker, which computes that GT's side once. One progress bar counts every pair of the whole run."""
+    for cache_dir in {task.cache_dir for tasks in runs.values() for task in tasks} - {None}:
+        # What an interrupted run of ours left half-written in the cache.
+        remove_orphaned_temps(cache_dir, (".png", ".npz", ".json"), recursive=True)
     groups: dict[Path, list[tuple[tuple[str, str], ImageTask]]] = {}
     for run, tasks in runs.items():
         for task in tasks:

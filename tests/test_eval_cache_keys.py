@@ -165,3 +165,21 @@ def test_one_progress_bar_counts_every_pair_of_the_run(tmp_path: Path, reference
     evaluate_methods(parse_methods([str(pred_root), f"Other={other}"]), gt_root, ["a", "b"], workers=1,
                      cache_dir=None, progress=True)
     assert bars == [{"total": 10, "done": 10}]
+
+
+def test_a_killed_runs_half_written_cache_entries_are_removed(tmp_path: Path, reference_dir: Path) -> None:
+    """Temp files of a writer that is gone (results and GT folders) are deleted by the next run."""
+    import subprocess
+    import sys
+
+    gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS[:1]})
+    cache = tmp_path / "cache"
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    orphans = [cache / "results" / "ab" / f".x.json.{dead}.abcdefgh.tmp",
+               cache / "gt" / f".y.wf.npz.{dead}.abcdefgh.tmp", cache / f".z.png.{dead}.abcdefgh.tmp"]
+    for orphan in orphans:
+        orphan.parent.mkdir(parents=True, exist_ok=True)
+        orphan.write_text("half")
+    evaluate(pred_root, gt_root, ["case"], cache_dir=cache, progress=False)
+    assert not any(orphan.exists() for orphan in orphans)

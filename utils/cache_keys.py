@@ -219,3 +219,13 @@ def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
     a killed run's is removed by the next call (`remove_orphaned_scratch`)."""
     remove_orphaned_scratch(prefix)
     return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-", ignore_cleanup_errors=True)
+
+
+@functools.cache
+def process_fields(modules: tuple[str, ...], libraries: tuple[str, ...]) -> dict[str, object]:
+    """`computation_fields` of code and libraries alone, once per process: per-item caches add their content.
+
+    A process does not change its code or libraries while it runs; a test that simulates either clears this
+    memo (`process_fields.cache_clear()`) with `code_digest`'s. Callers copy the dict before adding to it.
+    """
+    return computation_fields(modules, libraries)

@@ -7,6 +7,7 @@ worker processes and merged in order give the same numbers as one sequential loo
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import cv2
@@ -25,8 +26,10 @@ from py_sod_metrics import Smeasure as LibrarySmeasure
 from py_sod_metrics.utils import validate_and_normalize_input
 
 from utils.boundary_metrics import BoundaryAccuracy, BoundaryGround, BoundaryIoU
-from utils.gt_cache import WFGround, weighted_fmeasure
+from utils.level_metrics import adaptive_threshold, level_counts, normalised_levels, step_emeasure, step_fmeasure
+from utils.structure_measure import SMGround, s_measure, sm_ground
 from utils.thinning import gt_skeleton
+from utils.wf_ground import WFGround, weighted_fmeasure_of_error, wf_ground
 
 # Every metric reported, in the order of the reference expected.json.
 ALL_METRICS: tuple[str, ...] = ("maxF", "meanF", "adpF", "wF", "MAE", "Sm", "meanEm", "maxEm", "adpEm", "HCE")
@@ -81,35 +84,83 @@ class HumanCorrectionEffort(HumanCorrectionEffortMeasure):
 
     def cal_hce_binary(self, pred: np.ndarray, gt: np.ndarray, skeleton: np.ndarray) -> int:
         """HCE of a binary prediction against a binary GT and the GT's skeleton."""
+        # The library's steps on the same masks; OpenCV reads boolean masks as 0/1 bytes through a view
+        # instead of a converted copy, and the complements are taken once.
+        gt, pred = np.ascontiguousarray(gt), np.ascontiguousarray(pred)
+        not_gt, not_pred = ~gt, ~pred
         tp = np.logical_and(gt, pred)
         fp = np.logical_xor(pred, tp)
         fn = np.logical_xor(gt, tp)
-        eroded_union = cv2.erode(np.logical_or(gt, pred).astype(np.uint8), self.morphology_kernel,
+        eroded_union = cv2.erode(np.logical_or(gt, pred).view(np.uint8), self.morphology_kernel,
                                  iterations=self.relax)
 
         # Keep FP/FN pixels within `relax` steps of errors lying deeper than `relax` inside the union
         # (not crossing into the GT for FP, the prediction for FN): thin boundary errors cost nothing.
         fp_relaxed = np.logical_and(fp, eroded_union)
         for _ in range(self.relax):
-            fp_relaxed = cv2.dilate(fp_relaxed.astype(np.uint8), self.morphology_kernel)
-            fp_relaxed = np.logical_and(fp_relaxed, ~gt)
+            fp_relaxed = np.logical_and(cv2.dilate(fp_relaxed.view(np.uint8), self.morphology_kernel), not_gt)
         fp_relaxed = np.logical_and(fp, fp_relaxed)
         fn_relaxed = np.logical_and(fn, eroded_union)
         for _ in range(self.relax):
-            fn_relaxed = cv2.dilate(fn_relaxed.astype(np.uint8), self.morphology_kernel)
-            fn_relaxed = np.logical_and(fn_relaxed, ~pred)
+            fn_relaxed = np.logical_and(cv2.dilate(fn_relaxed.view(np.uint8), self.morphology_kernel), not_pred)
         fn_relaxed = np.logical_and(fn, fn_relaxed)
         # Missed skeleton pixels are structural errors however thin they are.
         fn_relaxed = np.logical_or(fn_relaxed, np.logical_xor(skeleton, np.logical_and(tp, skeleton)))
 
-        contours_fp, _ = cv2.findContours(fp_relaxed.astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
+        contours_fp, _ = cv2.findContours(fp_relaxed.view(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
         bdies_fp, indep_fp = self.filter_conditional_boundary(contours_fp, fp_relaxed, np.logical_or(tp, fn_relaxed))
-        contours_fn, _ = cv2.findContours(fn_relaxed.astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
-        condition_fn = 1 - np.logical_or(np.logical_or(tp, fp_relaxed), fn_relaxed)
-        bdies_fn, indep_fn = self.filter_conditional_boundary(contours_fn, fn_relaxed, condition_fn)
+        contours_fn, _ = cv2.findContours(fn_relaxed.view(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
+        # The library's `1 - (tp | fp_relaxed | fn_relaxed)`, which it only dilates as 8-bit: the same 0/1 bytes.
+        condition_fn = ~np.logical_or(np.logical_or(tp, fp_relaxed), fn_relaxed)
+        bdies_fn, indep_fn = self.filter_conditional_boundary(contours_fn, fn_relaxed, condition_fn.view(np.uint8))
         points = self.count_polygon_control_points(bdies_fp, self.epsilon)
         points += self.count_polygon_control_points(bdies_fn, self.epsilon)
         return int(points + indep_fp + indep_fn)
+
+
+    def filter_conditional_boundary(self, contours: Sequence[np.ndarray], mask: np.ndarray,
+                                    condition: np.ndarray) -> tuple[list[np.ndarray], int]:
+        """The library's `filter_conditional_boundary` over all contour points at once: the same boundaries
+        (runs of contour points next to `condition`, each pixel taken once) and the same count of regions
+        of `mask` with no such point."""
+        condition = condition.view(np.uint8) if condition.dtype == bool else condition.astype(np.uint8)
+        condition = cv2.dilate(condition, self.morphology_kernel)
+        regions, labels = cv2.connectedComponents(np.ascontiguousarray(mask).view(np.uint8), connectivity=8)
+        if not contours:
+            return [], regions - 1
+        points = np.concatenate([c.reshape(-1, 2) for c in contours])
+        rows, cols = points[:, 1], points[:, 0]
+        # A point is taken when it touches the condition and no earlier point took its pixel.
+        candidates = np.flatnonzero(condition[rows, cols] != 0)
+        _, first = np.unique(rows[candidates].astype(np.intp) * mask.shape[1] + cols[candidates], return_index=True)
+        taken = np.zeros(len(points), dtype=bool)
+        taken[candidates[first]] = True
+        # Runs of taken points, never across two contours; a contour with several runs whose last run
+        # ends next to where its first one starts gets them joined, as the library does.
+        owner = np.repeat(np.arange(len(contours)), [len(c) for c in contours])
+        same = owner[1:] == owner[:-1]
+        after_taken = np.concatenate([[False], taken[:-1] & same])  # the previous point is taken, same contour
+        before_taken = np.concatenate([taken[1:] & same, [False]])
+        starts = np.flatnonzero(taken & ~after_taken)
+        stops = np.flatnonzero(taken & ~before_taken) + 1
+        boundaries: list[np.ndarray] = []
+        run_owner = owner[starts].tolist()
+        i = 0
+        while i < len(starts):
+            j = i + 1
+            while j < len(starts) and run_owner[j] == run_owner[i]:
+                j += 1
+            runs = [points[a:b].reshape(-1, 1, 2) for a, b in zip(starts[i:j], stops[i:j])]
+            if len(runs) > 1:
+                (first_x, first_y), (last_x, last_y) = runs[0][0, 0], runs[-1][-1, 0]
+                dx, dy = abs(int(first_x) - int(last_x)), abs(int(first_y) - int(last_y))
+                if (dx, dy) in ((1, 0), (0, 1), (1, 1)):
+                    runs[-1] = np.concatenate([runs[-1], runs[0][::-1]])
+                    del runs[0]
+            boundaries.extend(runs)
+            i = j
+        touched = np.unique(labels[rows[taken], cols[taken]])
+        return boundaries, regions - 1 - touched.size
 
 
 class DISMetrics:
@@ -149,17 +200,39 @@ class DISMetrics:
         return len(self.mae.maes)
 
     def step(self, pred: np.ndarray, gt: np.ndarray, skeleton: np.ndarray | None = None,
-             wf: WFGround | None = None, bands: BoundaryGround | None = None) -> None:
-        """Add one raw 8-bit prediction/GT pair of the same size; skeleton, wf, bands: the GT's parts, if known."""
-        # Normalising once and passing normalize=False gives each class exactly what its own
-        # normalize=True path would compute, without redoing it five times.
-        pred_norm, gt_bin = validate_and_normalize_input(pred, gt, normalize=True)
-        for metric in (self.fmeasure, self.emeasure, self.smeasure, self.mae):
-            metric.step(pred_norm, gt_bin, normalize=False)
+             wf: WFGround | None = None, bands: BoundaryGround | None = None, sm: SMGround | None = None) -> None:
+        """Add one raw 8-bit prediction/GT pair of the same size; skeleton, wf, bands, sm: the GT's parts, if known.
+
+        Every value is the library's: the normalised prediction is looked up per gray level
+        (`utils.level_metrics`), the threshold metrics come from per-level counts, the weighted F from the
+        GT side computed once (`utils.wf_ground`), the S-measure from its GT side (`utils.structure_measure`);
+        MAE runs the library's expression on the same array.
+        """
+        if pred.shape != gt.shape:
+            raise ValueError(f"Shape mismatch between prediction ({pred.shape}) and ground truth ({gt.shape})")
+        gt_bin = gt > BINARY_THRESHOLD
+        levels = normalised_levels(pred)
+        pred_norm = levels[pred]
+        inside, outside = level_counts(pred, gt_bin)
+        threshold = adaptive_threshold(pred_norm)
+        step_fmeasure(self.fmeasure, levels, inside, outside, threshold)
+        step_emeasure(self.emeasure, levels, inside, outside, threshold, gt_bin.shape)
+        # Each metric's foreground and background values, taken from the 8-bit map (row-major, as the
+        # library's boolean indexing of its float arrays orders them) and looked up per level.
+        fg_levels, bg_levels = pred[gt_bin], pred[~gt_bin]
+        bg_values = levels[bg_levels]  # also E = |pred - 0| there
+        self.smeasure.sms.append(s_measure(self.smeasure, pred_norm, gt_bin, sm or sm_ground(gt_bin),
+                                           levels[fg_levels], bg_values))
+        # The library's |pred - gt|, computed in the normalised map's own memory (it is not used again).
+        error = np.abs(np.subtract(pred_norm, gt_bin, out=pred_norm), out=pred_norm)
+        del pred_norm
+        self.mae.maes.append(np.mean(error))
         if wf is None:
-            self.wfmeasure.step(pred_norm, gt_bin, normalize=False)
-        else:  # the library's value from the GT's precomputed distance transform
-            self.wfmeasure.weighted_fms.append(weighted_fmeasure(pred_norm, gt_bin, wf, self.wfmeasure.beta))
+            wf = wf_ground(gt_bin)
+        fg_error = np.abs(levels - 1.0)[fg_levels]  # the library's |pred - gt| where gt is True
+        self.wfmeasure.weighted_fms.append(
+            weighted_fmeasure_of_error(error, gt_bin, wf, self.wfmeasure.beta, fg_error, bg_values))
+        del error, bg_values
         self.hce.step(pred, gt, skeleton)
         if self.boundary:
             self.mba.step(pred, gt, bands)

@@ -1,0 +1,93 @@
+"""PySODMetrics' S-measure with what it computes from the GT alone done once per GT (`SMGround`).
+
+`Smeasure.cal_sm` takes the GT's mean, the centroid of its foreground (`np.argwhere(gt).mean(axis=0)`,
+a pass over every foreground coordinate) and, in each of the four quadrants around it, the GT's mean and
+variance; only the prediction's means, variances and covariances depend on the prediction. `sm_ground`
+computes the GT's numbers with the library's expressions on the same arrays, `s_measure` the rest as the
+library's `object`, `region` and `ssim` do, so the value is the library's bit for bit (the tests compare
+on varied GTs, including empty, full and border ones).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from py_sod_metrics import Smeasure
+from py_sod_metrics.utils import EPS
+
+
+@dataclass
+class SMGround:
+    """The GT side of the S-measure: its mean, the split point and each quadrant's GT mean and variance."""
+
+    gt_mean: float
+    split: tuple[int, int]  # the library's (cy, cx): one past the rounded foreground centroid
+    means: tuple[float, float, float, float]  # quadrants: top-left, top-right, bottom-left, bottom-right
+    variances: tuple[float, float, float, float]
+
+
+def _quadrants(array: np.ndarray, split: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """The library's four sub-arrays around (cy, cx), in its order."""
+    (h, w), (cy, cx) = array.shape, split
+    return array[0:cy, 0:cx], array[0:cy, cx:w], array[cy:h, 0:cx], array[cy:h, cx:w]
+
+
+def sm_ground(gt: np.ndarray) -> SMGround:
+    """SMGround of a boolean GT, with `Smeasure.region`'s and `ssim`'s expressions."""
+    h, w = gt.shape
+    if np.count_nonzero(gt) == 0:
+        cy, cx = np.round(h / 2), np.round(w / 2)
+    else:
+        cy, cx = np.argwhere(gt).mean(axis=0).round()
+    split = (int(cy) + 1, int(cx) + 1)
+    means, variances = [], []
+    for part in _quadrants(gt, split):
+        n = part.shape[0] * part.shape[1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            y = np.mean(part) if n else np.float64(np.nan)  # an empty quadrant: the library's NaN
+            means.append(y)
+            variances.append(np.sum((part - y) ** 2) / (n - 1 + EPS))
+    return SMGround(np.mean(gt), split, tuple(means), tuple(variances))
+
+
+def _ssim(pred: np.ndarray, gt: np.ndarray, y: float, sigma_y: float) -> float:
+    """`Smeasure.ssim` with the GT's mean and variance given."""
+    h, w = pred.shape
+    n = h * w
+    x = np.mean(pred)
+    centred = pred - x
+    sigma_x = np.sum(centred ** 2) / (n - 1 + EPS)
+    sigma_xy = np.sum(centred * (gt - y)) / (n - 1 + EPS)
+    alpha = 4 * x * y * sigma_xy
+    beta = (x ** 2 + y ** 2) * (sigma_x + sigma_y)
+    if alpha != 0:
+        return alpha / (beta + EPS)
+    if alpha == 0 and beta == 0:
+        return 1
+    return 0
+
+
+def s_measure(sm: Smeasure, pred: np.ndarray, gt: np.ndarray, ground: SMGround, fg: np.ndarray | None = None,
+              bg: np.ndarray | None = None) -> float:
+    """`Smeasure.cal_sm(pred, gt)` (pred in [0, 1], boolean gt) with the GT side precomputed;
+    `fg`, `bg`: pred at the foreground / background pixels (row-major), when already known."""
+    y = ground.gt_mean
+    if y == 0:
+        return 1 - np.mean(pred)
+    if y == 1:
+        return np.mean(pred)
+    fg_score = sm.s_object(pred[gt] if fg is None else fg) * y
+    bg_score = sm.s_object(1 - (pred[~gt] if bg is None else bg)) * (1 - y)
+    object_score = (fg_score + bg_score) * sm.alpha
+    h, w = gt.shape
+    area = h * w
+    cy, cx = ground.split
+    w_lt = cx * cy / area
+    w_rt = cy * (w - cx) / area
+    w_lb = (h - cy) * cx / area
+    weights = (w_lt, w_rt, w_lb, 1 - w_lt - w_rt - w_lb)
+    scores = [_ssim(p, g, y_q, s_q) * weight for p, g, y_q, s_q, weight in
+              zip(_quadrants(pred, ground.split), _quadrants(gt, ground.split), ground.means, ground.variances,
+                  weights)]
+    region_score = (scores[0] + scores[1] + scores[2] + scores[3]) * (1 - sm.alpha)
+    return np.maximum(0, object_score + region_score)

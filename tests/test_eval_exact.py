@@ -14,7 +14,6 @@ from py_sod_metrics import (
     FmeasureV2,
     PrecisionHandler,
     RecallHandler,
-    Smeasure,
     WeightedFmeasure,
 )
 from scipy import ndimage
@@ -22,6 +21,7 @@ from test_eval import STEMS, read_pair
 
 from utils import wf_ground
 from utils.metrics import DISMetrics, HumanCorrectionEffort
+from utils.metrics import Smeasure as EmptyQuadrantSmeasure
 from utils.thinning import gt_skeleton
 
 
@@ -74,11 +74,12 @@ def varied_predictions(gt: np.ndarray, rng: np.random.Generator) -> list[np.ndar
 
 
 def library_step(pred: np.ndarray, gt: np.ndarray) -> dict[str, object]:
-    """Each PySODMetrics class stepped on the raw 8-bit pair with its own normalisation."""
+    """Each PySODMetrics class stepped on the raw 8-bit pair with its own normalisation (S-measure: the library's
+    class with the one documented deviation, an empty quadrant adding 0 rather than NaN: utils.metrics.Smeasure)."""
     fm = FmeasureHandler(with_dynamic=True, with_adaptive=True, beta=0.3)
     precision = PrecisionHandler(with_dynamic=True, with_adaptive=False)
     recall = RecallHandler(with_dynamic=True, with_adaptive=False)
-    em, sm, wfm, mae = Emeasure(), Smeasure(alpha=0.5), WeightedFmeasure(), MAE()
+    em, sm, wfm, mae = Emeasure(), EmptyQuadrantSmeasure(alpha=0.5), WeightedFmeasure(), MAE()
     FmeasureV2({"fm": fm, "precision": precision, "recall": recall}).step(pred, gt)
     for metric in (em, sm, wfm, mae):
         metric.step(pred, gt)

@@ -51,9 +51,11 @@ def sm_ground(gt: np.ndarray) -> SMGround:
 
 
 def _ssim(pred: np.ndarray, gt: np.ndarray, y: float, sigma_y: float) -> float:
-    """`Smeasure.ssim` with the GT's mean and variance given."""
+    """`Smeasure.ssim` with the GT's mean and variance given; 0 for an empty quadrant (utils.metrics.Smeasure)."""
     h, w = pred.shape
     n = h * w
+    if n == 0:
+        return 0.0  # its weight is 0: adds 0, where the library's 0 x NaN made the whole score NaN
     x = np.mean(pred)
     centred = pred - x
     sigma_x = np.sum(centred ** 2) / (n - 1 + EPS)

@@ -1,7 +1,8 @@
 """ONNX export, the OpenVINO / onnxruntime runners and their cache, cutouts, overlays and TTA.
 
-One real export (the fixtures' seed-0 release checkpoint at 256, the size of infer_case) is shared
-by the whole module; the cache's bookkeeping is tested with a stand-in exporter that writes bytes.
+One real export (the fixtures' seed-0 release checkpoint at 256, the size of infer_case; conftest's
+release_export, made once per session) is shared by the module; the cache's bookkeeping is tested with
+a stand-in exporter that writes bytes.
 """
 from __future__ import annotations
 
@@ -38,60 +39,40 @@ def read_png(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def release_ckpt(tmp_path_factory: pytest.TempPathFactory, official_weights) -> Path:
-    """A checkpoint laid out like the release's FSANet-100.pth (the fixtures' seed-0 weights)."""
-    path = tmp_path_factory.mktemp("ckpt") / "FSANet-100.pth"
-    official_weights.save_official_checkpoint(path, seed=0, radius=60.0)
-    return path
+def exported(release_export) -> Path:
+    """The session's real ONNX export of the release checkpoint at SIZE (conftest's release_export)."""
+    return release_export(SIZE)
 
 
-@pytest.fixture(scope="module")
-def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The module's export cache (never ~/.cache)."""
-    return tmp_path_factory.mktemp("fsanet_cache")
-
-
-@pytest.fixture(scope="module")
-def exported(release_ckpt: Path, cache_root: Path) -> Path:
-    """The real ONNX export of the release checkpoint at SIZE, through the cache."""
-    if not onnx_export.export_supported():
-        pytest.skip(f"ONNX export needs torch >= {onnx_export.MIN_EXPORT_TORCH}, this is {torch.__version__}")
-    return export_cache.ExportCache(cache_root).get(export_cache.ExportSpec(release_ckpt, SIZE))
-
-
-@pytest.fixture(scope="module")
-def torch_model(release_ckpt: Path) -> torch.nn.Module:
-    """The PyTorch fast path test.py runs with --runtime torch."""
-    return inference.load_model(release_ckpt, "resnet50", torch.device("cpu"))
-
-
-def test_export_on_a_torch_that_cannot_is_refused_before_tracing(release_ckpt: Path, tmp_path: Path,
+def test_export_on_a_torch_that_cannot_is_refused_before_tracing(release_checkpoint: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     assert onnx_export.export_supported("2.6.0") and onnx_export.export_supported("2.14.1+cu130")
     assert not onnx_export.export_supported("2.5.1+cu124") and not onnx_export.export_supported("2.4.1")
     monkeypatch.setattr(onnx_export, "export_supported", lambda: False)
-    spec = export_cache.ExportSpec(release_ckpt, SIZE)
+    spec = export_cache.ExportSpec(release_checkpoint, SIZE)
     with pytest.raises(export_cache.RuntimeUnavailable, match=r"needs torch >= 2\.6 \(this is .*use --runtime torch"):
         export_cache.export_checkpoint(spec, tmp_path / "never.onnx")
     assert not (tmp_path / "never.onnx").exists()
 
 
-def test_export_matches_torch_under_onnxruntime_and_openvino(exported: Path, torch_model: torch.nn.Module,
-                                                             cache_root: Path) -> None:
+@pytest.mark.slow
+def test_export_matches_torch_under_onnxruntime_and_openvino(exported: Path, release_model: torch.nn.Module,
+                                                             onnx_cache: Path) -> None:
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        expected = torch_model.predict(x)
+        expected = release_model.predict(x)
     ort_runner = runtimes.OnnxRuntimeRunner(exported, SIZE)
-    ov_runner = runtimes.OpenVINORunner(exported, SIZE, "f32", cache_root / "openvino")
+    ov_runner = runtimes.OpenVINORunner(exported, SIZE, "f32", onnx_cache / "openvino")
     for runner in (ort_runner, ov_runner):
         got = runner.predict(x)
         assert got.shape == expected.shape == (2, 1, SIZE, SIZE) and got.dtype == torch.float32
         assert (got - expected).abs().max().item() < 1e-3, runner.name
     # bf16 really runs in bf16 (a different answer) and stays close.
-    bf16 = runtimes.OpenVINORunner(exported, SIZE, "bf16", cache_root / "openvino").predict(x[:1])
+    bf16 = runtimes.OpenVINORunner(exported, SIZE, "bf16", onnx_cache / "openvino").predict(x[:1])
     assert 0 < (bf16 - expected[:1]).abs().max().item() < 0.5
 
 
+@pytest.mark.slow
 def test_runner_refuses_an_export_for_another_size(exported: Path) -> None:
     with pytest.raises(runtimes.RuntimeUnavailable, match="export it again"):
         runtimes.OpenVINORunner(exported, SIZE // 2)
@@ -99,13 +80,14 @@ def test_runner_refuses_an_export_for_another_size(exported: Path) -> None:
         runtimes.OnnxRuntimeRunner(exported, SIZE * 2)
 
 
-def test_openvino_maps_equal_torch_maps_on_infer_case(reference_dir: Path, release_ckpt: Path, exported: Path,
-                                                      cache_root: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_openvino_maps_equal_torch_maps_on_infer_case(reference_dir: Path, release_checkpoint: Path, exported: Path,
+                                                      onnx_cache: Path, tmp_path: Path) -> None:
     images = reference_dir / "infer_case" / "im"
-    common = ("--pth_path", release_ckpt, "--input", images, "--testsize", str(SIZE), "--device", "cpu")
+    common = ("--pth_path", release_checkpoint, "--input", images, "--testsize", str(SIZE), "--device", "cpu")
     torch_run = run_test_py(*common, "--save_root", tmp_path / "torch", "--runtime", "torch")
     ov_run = run_test_py(*common, "--save_root", tmp_path / "openvino", "--runtime", "openvino",
-                         "--cache_dir", cache_root)
+                         "--cache_dir", onnx_cache)
     assert torch_run.returncode == 0, torch_run.stderr
     assert ov_run.returncode == 0, ov_run.stderr
     assert "exporting" not in ov_run.stderr  # the module's export was found in the cache
@@ -117,11 +99,12 @@ def test_openvino_maps_equal_torch_maps_on_infer_case(reference_dir: Path, relea
         assert release.mean() <= 0.5 and release.max() <= 4, ref.name
 
 
-def test_cache_entry_is_reused_and_verified(exported: Path, release_ckpt: Path, cache_root: Path,
+@pytest.mark.slow
+def test_cache_entry_is_reused_and_verified(exported: Path, release_checkpoint: Path, onnx_cache: Path,
                                             tmp_path: Path) -> None:
-    spec = export_cache.ExportSpec(release_ckpt, SIZE)
+    spec = export_cache.ExportSpec(release_checkpoint, SIZE)
     root = tmp_path / "cache"
-    shutil.copytree(cache_root / "onnx", root / "onnx")
+    shutil.copytree(onnx_cache / "onnx", root / "onnx")
 
     def must_not_export(spec: export_cache.ExportSpec, path: Path) -> float:
         raise AssertionError("a sound cache entry was exported again")
@@ -221,11 +204,12 @@ def test_checkpoint_digest_is_remembered_until_the_file_changes(tmp_path: Path,
     assert export_cache.remembered_sha256(checkpoint, memo) == real_sha256(checkpoint)
 
 
-def test_corrupt_entry_compiled_beside_its_check_is_exported_again(exported: Path, release_ckpt: Path,
-                                                                    cache_root: Path, tmp_path: Path,
+@pytest.mark.slow
+def test_corrupt_entry_compiled_beside_its_check_is_exported_again(exported: Path, release_checkpoint: Path,
+                                                                    onnx_cache: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "cache"
-    shutil.copytree(cache_root / "onnx", root / "onnx")
+    shutil.copytree(onnx_cache / "onnx", root / "onnx")
     entry = root / "onnx" / exported.name
     data = bytearray(entry.read_bytes())
     data[-1000] ^= 0x40  # a weight, same size: the file still loads, only its checksum tells
@@ -238,18 +222,19 @@ def test_corrupt_entry_compiled_beside_its_check_is_exported_again(exported: Pat
         return 0.0
 
     monkeypatch.setattr(runtimes, "ExportCache", lambda root: export_cache.ExportCache(root, exporter=re_export))
-    runner = runtimes.load_runner("onnxruntime", export_cache.ExportSpec(release_ckpt, SIZE), None, root)
+    runner = runtimes.load_runner("onnxruntime", export_cache.ExportSpec(release_checkpoint, SIZE), None, root)
     assert len(exports) == 1 and entry.read_bytes() == exported.read_bytes()
     x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     sound = runtimes.OnnxRuntimeRunner(exported, SIZE).predict(x)
     assert torch.equal(runner.predict(x), sound)
 
 
-def test_runtime_fault_after_compiling_is_one_line_and_exit_1(exported: Path, cache_root: Path) -> None:
+@pytest.mark.slow
+def test_runtime_fault_after_compiling_is_one_line_and_exit_1(exported: Path, onnx_cache: Path) -> None:
     from utils.errors import EXIT_FAILED
 
     wrong = torch.zeros(1, 3, SIZE // 2, SIZE // 2)  # not the compiled size: the runtime fails while running
-    for runner in (runtimes.OpenVINORunner(exported, SIZE, "f32", cache_root / "openvino"),
+    for runner in (runtimes.OpenVINORunner(exported, SIZE, "f32", onnx_cache / "openvino"),
                    runtimes.OnnxRuntimeRunner(exported, SIZE)):
         with pytest.raises(runtimes.RuntimeFault) as fault:
             runner.predict(wrong)
@@ -271,9 +256,9 @@ def test_cache_folder_default_and_unwritable_fallback(tmp_path: Path, monkeypatc
     shutil.rmtree(fallback)
 
 
-def test_explicit_runtime_refusals_and_auto_fallback(release_ckpt: Path, tmp_path: Path,
+def test_explicit_runtime_refusals_and_auto_fallback(release_checkpoint: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = export_cache.ExportSpec(release_ckpt, 64)
+    spec = export_cache.ExportSpec(release_checkpoint, 64)
     with pytest.raises(runtimes.RuntimeUnavailable, match="--amp bf16 with --runtime onnxruntime"):
         runtimes.load_runner("onnxruntime", spec, "bf16", tmp_path)
     monkeypatch.setattr(runtimes.importlib.util, "find_spec", lambda name: None)
@@ -283,7 +268,7 @@ def test_explicit_runtime_refusals_and_auto_fallback(release_ckpt: Path, tmp_pat
     assert runtimes.choose_runtime("auto", torch.device("cuda")) == "torch"
 
 
-def test_test_py_auto_falls_back_and_explicit_exits_2(release_ckpt: Path, tmp_path: Path,
+def test_test_py_auto_falls_back_and_explicit_exits_2(release_checkpoint: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture,
                                                       caplog: pytest.LogCaptureFixture) -> None:
@@ -298,7 +283,7 @@ def test_test_py_auto_falls_back_and_explicit_exits_2(release_ckpt: Path, tmp_pa
         raise runtimes.RuntimeUnavailable("--runtime openvino: the openvino package is not installed")
 
     monkeypatch.setattr(inference, "load_runner", unavailable)
-    base = ["--pth_path", str(release_ckpt), "--input", str(photos), "--testsize", "64", "--device", "cpu"]
+    base = ["--pth_path", str(release_checkpoint), "--input", str(photos), "--testsize", "64", "--device", "cpu"]
     assert script.main([*base, "--save_root", str(tmp_path / "a"), "--runtime", "openvino"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --runtime openvino") and "not installed" in err[0]
@@ -308,7 +293,7 @@ def test_test_py_auto_falls_back_and_explicit_exits_2(release_ckpt: Path, tmp_pa
     assert (tmp_path / "b" / "x.png").is_file()
 
 
-def test_rgba_and_overlay_outputs(torch_model: torch.nn.Module, tmp_path: Path) -> None:
+def test_rgba_and_overlay_outputs(release_model: torch.nn.Module, tmp_path: Path) -> None:
     from tests.test_inference import scene
 
     photos = tmp_path / "photos"
@@ -320,7 +305,7 @@ def test_rgba_and_overlay_outputs(torch_model: torch.nn.Module, tmp_path: Path) 
     outputs = {}
     for mode in cutout.SAVE_MODES:
         options = inference.InferenceOptions(testsize=64, batch_size=2, save_mode=mode)
-        summary = inference.predict_jobs(torch_model, [inference.folder_job(photos, tmp_path / mode)], options)
+        summary = inference.predict_jobs(release_model, [inference.folder_job(photos, tmp_path / mode)], options)
         assert summary.written == 2 and not summary.failed
         outputs[mode] = {name: read_png(tmp_path / mode / name) for name in ("a.png", "b.png")}
     for name, (width, height) in {"a.png": (72, 56), "b.png": (40, 90)}.items():
@@ -340,11 +325,11 @@ def test_cutout_refuses_a_map_of_another_size() -> None:
         cutout.rgba_cutout(np.zeros((4, 5, 3), np.uint8), np.zeros((5, 4), np.uint8))
 
 
-def test_hflip_tta_averages_the_image_and_its_mirror(torch_model: torch.nn.Module) -> None:
+def test_hflip_tta_averages_the_image_and_its_mirror(release_model: torch.nn.Module) -> None:
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    tta = runtimes.HFlipTTA(torch_model).eval()
+    tta = runtimes.HFlipTTA(release_model).eval()
     with torch.inference_mode():
-        plain, mirrored = torch_model.predict(x), torch_model.predict(x.flip(-1)).flip(-1)
+        plain, mirrored = release_model.predict(x), release_model.predict(x.flip(-1)).flip(-1)
         got = tta.predict(x)
         assert torch.allclose(got, (plain + mirrored) / 2, atol=1e-6)
         assert not torch.allclose(got, plain, atol=1e-4)
@@ -352,7 +337,8 @@ def test_hflip_tta_averages_the_image_and_its_mirror(torch_model: torch.nn.Modul
         assert torch.allclose(tta.predict(x.flip(-1)).flip(-1), got, atol=1e-5)
 
 
-def test_export_script_checks_with_onnxruntime(exported: Path, release_ckpt: Path, tmp_path: Path,
+@pytest.mark.slow
+def test_export_script_checks_with_onnxruntime(exported: Path, release_checkpoint: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     import importlib.util
 
@@ -369,7 +355,7 @@ def test_export_script_checks_with_onnxruntime(exported: Path, release_ckpt: Pat
 
     monkeypatch.setattr(onnx_export, "export_onnx", copy_export)
     out = tmp_path / "fsanet.onnx"
-    base = ["--pth_path", str(release_ckpt), "--testsize", str(SIZE), "--output", str(out)]
+    base = ["--pth_path", str(release_checkpoint), "--testsize", str(SIZE), "--output", str(out)]
     # One real check (model load, onnxruntime session, PyTorch forward); --tolerance 0 makes it fail.
     assert script.main([*base, "--tolerance", "0"]) == 1
     captured = capsys.readouterr()

@@ -3,6 +3,7 @@
 Expensive set-up is made once per session and shared, never repeated per module:
 - `release_checkpoint`: a real checkpoint file in the release's layout (440 MB), for any test that needs
   FSANet weights on disk and only reads them; `release_model`: it loaded as test.py loads it, to predict with;
+  `release_weights_model()`: a fresh, changeable FSANet with those weights (a copy, not a rebuild);
 - `onnx_cache` and `release_export(size)`: test.py's default export cache and the release checkpoint's ONNX
   export at a size, made at most once per size (about 45 s each), reused by test.py subprocesses;
 - `session_dir`: the one folder those live in; it is removed when the session ends.
@@ -11,6 +12,7 @@ Mark `slow` every test that runs a script as a subprocess, exports to ONNX or tr
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shutil
@@ -86,6 +88,21 @@ def release_checkpoint(session_dir: Path, official_weights: ModuleType) -> Path:
     path.parent.mkdir()
     official_weights.save_official_checkpoint(path, seed=0, radius=60.0)
     return path
+
+
+@pytest.fixture(scope="session")
+def release_weights_model(official_weights: ModuleType) -> Callable[[], torch.nn.Module]:
+    """`release_weights_model()`: a new FSANet in eval mode holding the fixtures' seed-0 weights (radius 60),
+    without the inference fast paths; each call is an independent copy, free to optimise, cast or train.
+
+    Building FSANet and generating its weights costs seconds; a copy of the one built per session does not.
+    """
+    from lib import FSANet
+    from lib.checkpoint import convert_release_state_dict
+
+    model = FSANet().eval()
+    model.load_state_dict(convert_release_state_dict(official_weights.official_state_dict(seed=0, radius=60.0)))
+    return lambda: copy.deepcopy(model)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,23 @@
-"""Shared test fixtures: the authors' reference fixtures live in ../shared/reference (read-only)."""
+"""Shared test fixtures: the authors' reference fixtures live in ../shared/reference (read-only).
+
+Expensive set-up is made once per session and shared, never repeated per module:
+- `release_checkpoint`: a real checkpoint file in the release's layout (440 MB), for any test that needs
+  FSANet weights on disk and only reads them; `release_model`: it loaded as test.py loads it, to predict with;
+  `release_weights_model()`: a fresh, changeable FSANet with those weights (a copy, not a rebuild);
+- `onnx_cache` and `release_export(size)`: test.py's default export cache and the release checkpoint's ONNX
+  export at a size, made at most once per size (about 45 s each), reused by test.py subprocesses;
+- `session_dir`: the one folder those live in; it is removed when the session ends.
+Tests that are not about the runtimes run test.py with `--runtime torch` (no export).
+Mark `slow` every test that runs a script as a subprocess, exports to ONNX or trains (`make test-fast`).
+"""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -23,10 +36,22 @@ REFERENCE = reference_fixtures()
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's folder of shared artefacts (checkpoint, exports, caches): removed when the session ends.
+
+    Use it for set-up that several modules share; a test's own files belong in its tmp_path.
+    """
+    folder = tmp_path_factory.mktemp("session")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Point XDG_CACHE_HOME (test.py's default ONNX cache) at a temporary folder: tests never write ~/.cache."""
-    home = tmp_path_factory.mktemp("xdg_cache")
+def private_cache_home(session_dir: Path) -> Iterator[Path]:
+    """Point XDG_CACHE_HOME (test.py's and eval.py's default caches) at the session folder: never ~/.cache."""
+    home = session_dir / "xdg_cache"
+    home.mkdir()
     previous = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(home)
     yield home
@@ -61,9 +86,61 @@ def official_weights(reference_dir: Path) -> ModuleType:
 
 
 @pytest.fixture(scope="session")
-def release_ckpt_file(tmp_path_factory: pytest.TempPathFactory, official_weights: ModuleType) -> Path:
-    """A checkpoint laid out like the release's FSANet-100.pth (the fixtures' seed-0 weights, radius 60), written
-    once per session (437 MB, 5 s)."""
-    path = tmp_path_factory.mktemp("release_ckpt") / "FSANet-100.pth"
+def release_checkpoint(session_dir: Path, official_weights: ModuleType) -> Path:
+    """FSANet-100.pth as the release lays it out, with the fixtures' seed-0 weights and radius 60: written once.
+
+    For tests that need a real checkpoint file and only read it (copy it to tmp_path to change it).
+    """
+    path = session_dir / "release" / "FSANet-100.pth"
+    path.parent.mkdir()
     official_weights.save_official_checkpoint(path, seed=0, radius=60.0)
     return path
+
+
+@pytest.fixture(scope="session")
+def release_weights_model(official_weights: ModuleType) -> Callable[[], torch.nn.Module]:
+    """`release_weights_model()`: a new FSANet in eval mode holding the fixtures' seed-0 weights (radius 60),
+    without the inference fast paths; each call is an independent copy, free to optimise, cast or train.
+
+    Building FSANet and generating its weights costs seconds; a copy of the one built per session does not.
+    """
+    from lib import FSANet
+    from lib.checkpoint import convert_release_state_dict
+
+    model = FSANet().eval()
+    model.load_state_dict(convert_release_state_dict(official_weights.official_state_dict(seed=0, radius=60.0)))
+    return lambda: copy.deepcopy(model)
+
+
+@pytest.fixture(scope="session")
+def release_model(release_checkpoint: Path) -> torch.nn.Module:
+    """`release_checkpoint` loaded as test.py's PyTorch runtime loads it (CPU, eval mode, fast paths, fp32), once.
+
+    Shared by every test that predicts with it: run it (predict, predict_jobs, autocast), never train, cast or
+    change it; load your own copy for that.
+    """
+    from pipelines import inference
+
+    return inference.load_model(release_checkpoint, "resnet50", torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(private_cache_home: Path) -> Path:
+    """The session's export cache: test.py's default folder ($XDG_CACHE_HOME/fsanet), so child processes of
+    test.py with the default runtime find the exports made here. Read it; copy it to tmp_path to damage it."""
+    return private_cache_home / "fsanet"
+
+
+@pytest.fixture(scope="session")
+def release_export(release_checkpoint: Path, onnx_cache: Path) -> Callable[[int], Path]:
+    """`release_export(size)`: the verified ONNX export of `release_checkpoint` at `size`, made once per size.
+
+    Skips the test where this torch cannot export. Mark tests that use it `slow`.
+    """
+    from utils import export_cache, onnx_export
+
+    def export(size: int) -> Path:
+        if not onnx_export.export_supported():
+            pytest.skip(f"ONNX export needs torch >= {onnx_export.MIN_EXPORT_TORCH}, this is {torch.__version__}")
+        return export_cache.ExportCache(onnx_cache).get(export_cache.ExportSpec(release_checkpoint, size))
+    return export

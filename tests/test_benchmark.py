@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_benchmark_reports_every_row(tmp_path):
     report = tmp_path / "bench.md"
     cmd = [sys.executable, "benchmark.py", "--only", "inference", "train", "--device", "cpu", "--size", "64",
@@ -41,17 +42,15 @@ def test_loading_benchmark_compares_the_release_loader_with_ours():
     assert 0 < result["fast_max_diff_mask"] < 0.1 and 0 < result["fast_max_diff_image"] < 1.0
 
 
-def test_release_test_baseline_writes_the_release_maps(reference_dir, official_weights, tmp_path):
+def test_release_test_baseline_writes_the_release_maps(reference_dir, release_checkpoint, tmp_path):
     """The end-to-end benchmark's baseline process reproduces the release's test.py on infer_case."""
     import numpy as np
     from PIL import Image
 
     from pipelines.benchmarks.pipeline import release_test
 
-    checkpoint = tmp_path / "FSANet-100.pth"
-    official_weights.save_official_checkpoint(checkpoint, seed=0, radius=60.0)
     case = reference_dir / "infer_case"
-    summary = release_test(str(checkpoint), str(case / "im"), str(tmp_path / "maps"), 256)
+    summary = release_test(str(release_checkpoint), str(case / "im"), str(tmp_path / "maps"), 256)
     expected = sorted((case / "expected_256").glob("*.png"))
     assert summary.written == len(expected) and not summary.failed
     for ref in expected:

@@ -29,7 +29,8 @@ from pipelines.training import TrainConfig, Trainer
 from pipelines.training.reproducibility import tensors_digest
 from utils.synthetic import generate_split
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
+pytestmark = [pytest.mark.cuda, pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 
 # cuBLAS reads this at its first call, which comes after collection: deterministic matrix products.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -76,14 +77,6 @@ def drop_checkpoints(tmp_path) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def release_ckpt(tmp_path_factory, official_weights) -> Path:
-    """A file laid out like the release's FSANet-100.pth (the fixtures' seed-0 weights)."""
-    path = tmp_path_factory.mktemp("cuda_release") / "FSANet-100.pth"
-    official_weights.save_official_checkpoint(path, seed=0, radius=60.0)
-    return path
-
-
-@pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     """A DIS-TR split of 4 synthetic 64x64 pairs."""
     return generate_split(tmp_path_factory.mktemp("cuda_data"), "DIS-TR", 4, seed=2, size=64)
@@ -107,9 +100,9 @@ def max_state_diff(a: dict, b: dict) -> float:
                default=0.0)
 
 
-def test_cuda_forward_matches_the_release_fixture(release_ckpt, reference_dir, figure):
+def test_cuda_forward_matches_the_release_fixture(release_checkpoint, reference_dir, figure):
     ref = np.load(reference_dir / "official_forward_seed0_256x256.npz")
-    model = load_checkpoint(FSANet(), release_ckpt).eval().to("cuda:0")
+    model = load_checkpoint(FSANet(), release_checkpoint).eval().to("cuda:0")
     x = torch.from_numpy(ref["input"]).to("cuda:0")
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     diffs = {}
@@ -140,9 +133,9 @@ def read_maps(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(Image.open(p)).astype(np.int16) for p in sorted(folder.glob("*.png"))}
 
 
-def test_test_py_maps_on_gpu_match_the_cpu(release_ckpt, reference_dir, tmp_path, figure):
+def test_test_py_maps_on_gpu_match_the_cpu(release_checkpoint, reference_dir, tmp_path, figure):
     images = reference_dir / "infer_case" / "im"
-    common = ("--pth_path", release_ckpt, "--input", images, "--testsize", "256")
+    common = ("--pth_path", release_checkpoint, "--input", images, "--testsize", "256")
     # PyTorch on both sides (the CPU's default would be OpenVINO): the maps differ by the GPU's arithmetic alone.
     assert run_test_py(*common, "--device", "cpu", "--runtime", "torch", "--save_root", tmp_path / "cpu") == 0
     cpu = read_maps(tmp_path / "cpu")
@@ -164,9 +157,9 @@ def test_test_py_maps_on_gpu_match_the_cpu(release_ckpt, reference_dir, tmp_path
     assert not torch.backends.cudnn.benchmark  # test.py's autotuning did not leak into this process's tests
 
 
-def test_data_parallel_over_every_visible_gpu_equals_one_gpu(release_ckpt, figure):
+def test_data_parallel_over_every_visible_gpu_equals_one_gpu(release_checkpoint, figure):
     gpus = torch.cuda.device_count()
-    model = load_checkpoint(FSANet(), release_ckpt).eval().to("cuda:0")
+    model = load_checkpoint(FSANet(), release_checkpoint).eval().to("cuda:0")
     x = torch.randn(2 * gpus, 3, 64, 64, device="cuda:0")
     with torch.no_grad():
         single = model(x)[0]

@@ -5,10 +5,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import ROOT
 from PIL import Image
 
 
+@pytest.mark.slow
 def test_reduced_demo_runs_end_to_end(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
     cmd = [sys.executable, "demo.py", "--data", str(data), "--out", str(out), "--size", "64",

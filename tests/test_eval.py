@@ -165,6 +165,7 @@ def test_skeleton_cache_reads_rewrites_and_survives_errors(tmp_path: Path, refer
 
 # ---------------------------------------------------------------- eval.py
 
+@pytest.mark.slow
 def test_eval_case_through_the_command_line(tmp_path: Path, reference_dir: Path, expected: dict) -> None:
     """Two workers, JSON equal to expected.json; table, CSV, LaTeX, per-image CSV and plots agree with it."""
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS})
@@ -196,6 +197,7 @@ def test_eval_case_through_the_command_line(tmp_path: Path, reference_dir: Path,
         assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_te_row_through_the_command_line(tmp_path: Path, reference_dir: Path, expected: dict) -> None:
     """Subsets of 1, 2, 2 and 3 images: the DIS-TE (1-4) row is their mean, not the pooled value."""
     split = dict(zip(TE_SUBSETS, [STEMS[:1], STEMS[1:3], STEMS[3:5], STEMS[5:]]))
@@ -214,6 +216,7 @@ def test_te_row_through_the_command_line(tmp_path: Path, reference_dir: Path, ex
     assert proc.stdout.strip().splitlines()[-1].startswith(f"| {TE_MEAN_ROW} | ")
 
 
+@pytest.mark.slow
 def test_missing_predictions_are_listed(tmp_path: Path, reference_dir: Path) -> None:
     """Missing maps stop the evaluation with one line naming each of them."""
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS[:4]})
@@ -223,6 +226,7 @@ def test_missing_predictions_are_listed(tmp_path: Path, reference_dir: Path) -> 
     assert_user_error(proc, "2 of 4 predictions missing", "case_001.png", "case_003.png")
 
 
+@pytest.mark.slow
 def test_resized_and_extra_predictions(tmp_path: Path, reference_dir: Path) -> None:
     """A map of another size is resized bilinearly and warned about; a map without GT is only noted."""
     stems = STEMS[:3]
@@ -249,6 +253,7 @@ def test_resized_and_extra_predictions(tmp_path: Path, reference_dir: Path) -> N
         assert [im["resized_from"] for im in csv.DictReader(f)] == ["", "200x150", ""]
 
 
+@pytest.mark.slow
 def test_unreadable_files_are_named(tmp_path: Path, reference_dir: Path) -> None:
     """A prediction that is not an image fails the run with a line naming it."""
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS[:2]})
@@ -258,6 +263,7 @@ def test_unreadable_files_are_named(tmp_path: Path, reference_dir: Path) -> None
     assert_user_error(proc, "1 unreadable image(s)", str(bad))
 
 
+@pytest.mark.slow
 def test_missing_dataset_folder_is_one_error_line(tmp_path: Path, reference_dir: Path) -> None:
     """A dataset that is not under --gt_root is reported before anything is evaluated."""
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS[:1]})
@@ -265,6 +271,7 @@ def test_missing_dataset_folder_is_one_error_line(tmp_path: Path, reference_dir:
     assert_user_error(proc, "dataset folder not found", str(gt_root / "DIS-TE9"))
 
 
+@pytest.mark.slow
 def test_changed_gt_gets_a_new_skeleton(tmp_path: Path, reference_dir: Path) -> None:
     """The cache is keyed by GT content: an edited GT is re-skeletonised, never served the old skeleton."""
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": ["case_001", "case_004"]})

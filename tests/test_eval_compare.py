@@ -131,6 +131,7 @@ def test_marks_follow_the_metric_direction() -> None:
 
 # ---------------------------------------------------------------- eval.py
 
+@pytest.mark.slow
 def test_two_methods_equal_two_single_runs(tmp_path: Path, reference_dir: Path, expected_boundary: dict) -> None:
     """Per method the numbers of its own run; one table per dataset, method columns, shared figures."""
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS, "half": STEMS[:4]})
@@ -191,6 +192,7 @@ def test_results_cache_hits_and_invalidation(tmp_path: Path, reference_dir: Path
     assert json.loads(kept.read_text())["state"]  # the corrupt entry was rewritten
 
 
+@pytest.mark.slow
 def test_comparison_bad_input(tmp_path: Path, reference_dir: Path) -> None:
     """Same folder name twice: exit 2 naming both; different image sets: each on what it has, missing listed."""
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS[:3]})

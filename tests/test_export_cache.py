@@ -187,12 +187,12 @@ def test_export_key_covers_the_model_code_actually_imported() -> None:
 
 
 @pytest.mark.slow
-def test_export_is_keyed_by_the_weights_it_was_built_from(release_ckpt_file: Path, official_weights,
+def test_export_is_keyed_by_the_weights_it_was_built_from(release_checkpoint: Path, official_weights,
                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 22, item 1: test.py exports run/last.pth while training rewrites it. Whatever the timing, the
     entry's key names the digest of the weights the exported model holds."""
     checkpoint = tmp_path / "last.pth"
-    shutil.copyfile(release_ckpt_file, checkpoint)  # radius 60
+    shutil.copyfile(release_checkpoint, checkpoint)  # radius 60
     newer = tmp_path / "newer.pth"
     official_weights.save_official_checkpoint(newer, seed=0, radius=50.0)
     digest_of_radius = {60.0: export_cache.file_sha256(checkpoint), 50.0: export_cache.file_sha256(newer)}
@@ -425,7 +425,7 @@ def test_a_full_disk_everywhere_is_one_runtime_unavailable(small_ckpt: Path, tmp
 
 
 @pytest.mark.slow
-def test_test_py_on_a_full_cache_disk_writes_the_maps_with_one_warning(release_ckpt_file: Path, tmp_path: Path,
+def test_test_py_on_a_full_cache_disk_writes_the_maps_with_one_warning(release_checkpoint: Path, tmp_path: Path,
                                                                        private_tmp: Path,
                                                                        monkeypatch: pytest.MonkeyPatch,
                                                                        capsys: pytest.CaptureFixture,
@@ -443,7 +443,7 @@ def test_test_py_on_a_full_cache_disk_writes_the_maps_with_one_warning(release_c
 
     monkeypatch.setattr(onnx_export, "export_onnx", full_disk)  # the real model is built, its save fails
     # 128: the checkpoint's radius leaves a high-pass band (no other warning than the cache's).
-    args = ["--pth_path", str(release_ckpt_file), "--input", str(photos), "--testsize", "128", "--device", "cpu",
+    args = ["--pth_path", str(release_checkpoint), "--input", str(photos), "--testsize", "128", "--device", "cpu",
             "--save_root", str(tmp_path / "maps"), "--cache_dir", str(tmp_path / "cache")]
     with caplog.at_level(logging.WARNING):
         assert load_test_script().main(args) == 0

@@ -41,6 +41,7 @@ def fake_venv(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_make_gpu_check_without_a_gpu_runs_nothing_and_exits_0(tmp_path):
     venv = fake_venv(tmp_path / "venv")
     proc = subprocess.run(["make", "-s", "gpu-check", f"VENV={venv}"], cwd=ROOT, env=NO_GPU, capture_output=True,
@@ -50,6 +51,7 @@ def test_make_gpu_check_without_a_gpu_runs_nothing_and_exits_0(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA GPU found") and "nothing was run" in lines[0]
 
 
+@pytest.mark.slow
 def test_make_gpu_check_with_a_given_python_builds_no_venv(tmp_path):
     venv = tmp_path / "never"
     proc = subprocess.run(["make", "-s", "gpu-check", f"VENV={venv}", f"PY={sys.executable}"], cwd=ROOT, env=NO_GPU,
@@ -80,6 +82,7 @@ def test_check_ready_names_missing_fixtures_and_the_variable(tmp_path, monkeypat
         check_ready()
 
 
+@pytest.mark.slow
 def test_cuda_tests_are_skipped_cleanly_without_a_gpu():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
                            "tests/test_cuda.py"], cwd=ROOT, env=NO_GPU, capture_output=True, text=True, timeout=300)

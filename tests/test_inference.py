@@ -45,18 +45,11 @@ def scene(width: int, height: int, seed: int = 0) -> np.ndarray:
     return np.clip(base + 110 * disc[..., None] + noise, 0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def release_ckpt(tmp_path_factory: pytest.TempPathFactory, official_weights) -> Path:
-    """A checkpoint laid out like the release's FSANet-100.pth (the fixtures' seed-0 weights)."""
-    path = tmp_path_factory.mktemp("ckpt") / "FSANet-100.pth"
-    official_weights.save_official_checkpoint(path, seed=0, radius=60.0)
-    return path
-
-
-def test_infer_case_matches_release_maps(reference_dir: Path, release_ckpt: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_infer_case_matches_release_maps(reference_dir: Path, release_checkpoint: Path, tmp_path: Path) -> None:
     case = reference_dir / "infer_case"
     # Batch 2 puts the landscape and the portrait image in one forward: each map is upsampled to its own size.
-    result = run_test_py("--pth_path", release_ckpt, "--input", case / "im", "--save_root", tmp_path,
+    result = run_test_py("--pth_path", release_checkpoint, "--input", case / "im", "--save_root", tmp_path,
                          "--testsize", "256", "--batch_size", "2", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     expected = sorted((case / "expected_256").glob("*.png"))
@@ -100,10 +93,11 @@ def write_real_world_images(folder: Path) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def test_input_folder_of_every_kind(release_ckpt: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_input_folder_of_every_kind(release_checkpoint: Path, tmp_path: Path) -> None:
     sizes = write_real_world_images(tmp_path / "photos")
     out = tmp_path / "maps"
-    result = run_test_py("--pth_path", release_ckpt, "--input", tmp_path / "photos", "--save_root", out,
+    result = run_test_py("--pth_path", release_checkpoint, "--input", tmp_path / "photos", "--save_root", out,
                          "--testsize", SMALL, "--batch_size", "3", "--num_workers", "2")
     assert result.returncode == 1, result.stderr
     for bad in ("broken.jpg", "truncated.png"):
@@ -122,7 +116,8 @@ def test_input_folder_of_every_kind(release_ckpt: Path, tmp_path: Path) -> None:
     assert f"{len(sizes)} maps written" in result.stdout and "2 failed" in result.stdout
 
 
-def test_dis5k_layouts_are_discovered(release_ckpt: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_dis5k_layouts_are_discovered(release_checkpoint: Path, tmp_path: Path) -> None:
     root = tmp_path / "DIS5K"
     (root / "DIS-VD" / "im").mkdir(parents=True)
     (root / "DIS-VD" / "gt").mkdir()
@@ -131,7 +126,7 @@ def test_dis5k_layouts_are_discovered(release_ckpt: Path, tmp_path: Path) -> Non
     Image.fromarray(scene(45, 60, seed=1)).save(root / "DIS-VD" / "im" / "b.jpg")
     Image.fromarray(scene(50, 40, seed=2)).save(root / "DIS-TE1" / "Imgs" / "c.png")
     out = tmp_path / "results"
-    result = run_test_py("--pth_path", release_ckpt, "--data_root", root, "--datasets", "DIS-VD", "DIS-TE1",
+    result = run_test_py("--pth_path", release_checkpoint, "--data_root", root, "--datasets", "DIS-VD", "DIS-TE1",
                          "--save_root", out, "--testsize", SMALL)
     assert result.returncode == 0, result.stderr
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
@@ -140,7 +135,8 @@ def test_dis5k_layouts_are_discovered(release_ckpt: Path, tmp_path: Path) -> Non
     assert read_map(out / "DIS-TE1" / "c.png").shape == (40, 50)
 
 
-def test_skip_existing_leaves_existing_maps_alone(release_ckpt: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_skip_existing_leaves_existing_maps_alone(release_checkpoint: Path, tmp_path: Path) -> None:
     photos, out = tmp_path / "photos", tmp_path / "maps"
     photos.mkdir()
     out.mkdir()
@@ -150,7 +146,7 @@ def test_skip_existing_leaves_existing_maps_alone(release_ckpt: Path, tmp_path: 
     Image.fromarray(np.full((40, 48), 7, np.uint8)).save(done)
     os.utime(done, ns=(1_000_000_000, 1_000_000_000))
     before = done.read_bytes()
-    result = run_test_py("--pth_path", release_ckpt, "--input", photos, "--save_root", out,
+    result = run_test_py("--pth_path", release_checkpoint, "--input", photos, "--save_root", out,
                          "--testsize", SMALL, "--skip_existing")
     assert result.returncode == 0, result.stderr
     assert done.read_bytes() == before and done.stat().st_mtime_ns == 1_000_000_000
@@ -190,6 +186,7 @@ def one_photo(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_one_error_line(one_photo: Path, tmp_path: Path) -> None:
     missing = tmp_path / "nope" / "FSANet-100.pth"
     result = run_test_py("--pth_path", missing, "--input", one_photo, "--save_root", tmp_path / "out")
@@ -243,12 +240,12 @@ def test_wrong_architecture_checkpoint_is_one_error_line(change: str, release_st
     assert not (tmp_path / "out").exists()
 
 
-def test_checkpoint_of_other_frequency_encoder_is_one_error_line(release_ckpt: Path, one_photo: Path,
+def test_checkpoint_of_other_frequency_encoder_is_one_error_line(release_checkpoint: Path, one_photo: Path,
                                                                  capsys: pytest.CaptureFixture,
                                                                  tmp_path: Path) -> None:
-    code, err = run_main(capsys, "--pth_path", release_ckpt, "--freq_encoder", "res2net50", "--input", one_photo,
+    code, err = run_main(capsys, "--pth_path", release_checkpoint, "--freq_encoder", "res2net50", "--input", one_photo,
                          "--save_root", tmp_path / "out")
-    assert_one_error_line(code, err, str(release_ckpt))
+    assert_one_error_line(code, err, str(release_checkpoint))
 
 
 def test_bad_options_are_one_error_line(capsys: pytest.CaptureFixture, one_photo: Path, tmp_path: Path) -> None:
@@ -260,12 +257,6 @@ def test_bad_options_are_one_error_line(capsys: pytest.CaptureFixture, one_photo
     if not torch.cuda.is_available():
         code, err = run_main(capsys, *base, "--device", "cuda")
         assert_one_error_line(code, err, "--device cuda", "CUDA")
-
-
-@pytest.fixture(scope="module")
-def release_model(release_ckpt: Path) -> torch.nn.Module:
-    """The release-layout checkpoint loaded in this process, for the in-process option tests."""
-    return inference.load_model(release_ckpt, "resnet50", torch.device("cpu"))
 
 
 def predict_maps(model: torch.nn.Module, folder: Path, out: Path, **options) -> dict[str, np.ndarray]:

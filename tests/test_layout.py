@@ -36,6 +36,7 @@ def test_no_source_module_is_over_the_size_of_one_idea():
     assert not {k: n for k, n in sizes.items() if n > MAX_LINES}
 
 
+@pytest.mark.slow
 def test_test_py_starts_without_the_model_libraries():
     """test.py's OpenVINO path never builds the PyTorch model: importing it must not pull in timm or torchvision."""
     import subprocess

@@ -1,6 +1,7 @@
 """--accum_steps and --grad_checkpointing on the CPU with the real FSANet at 64 x 64, and the out-of-memory line."""
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def trainer(split: Path, tmp_path: Path, **options) -> Trainer:
     return t
 
 
+@pytest.mark.slow
 def test_accumulated_halves_take_the_full_batch_steps(four_pairs, tmp_path):
     full, accum = trainer(four_pairs, tmp_path, batchsize=4), trainer(four_pairs, tmp_path, batchsize=2, accum_steps=2)
     for a, b in zip(full.model.parameters(), accum.model.parameters()):
@@ -87,6 +89,7 @@ def test_accumulated_halves_take_the_full_batch_steps(four_pairs, tmp_path):
     assert differ / moved < 1e-3, (differ, moved)
 
 
+@pytest.mark.slow
 def test_accumulation_saves_on_boundaries_and_resumes_exactly(four_pairs, tmp_path, monkeypatch):
     six = tmp_path / "six" / "DIS-TR"
     shutil.copytree(four_pairs, six)
@@ -117,6 +120,7 @@ def test_accumulation_saves_on_boundaries_and_resumes_exactly(four_pairs, tmp_pa
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
+@pytest.mark.slow
 def test_grad_checkpointing_gives_the_same_weights_after_an_epoch(four_pairs, tmp_path):
     flags = ("--batchsize", "2", "--rates", "0.75", "1", "--epoch", "2", "--stop_after_epoch", "1")
     assert train.main(cli(four_pairs, tmp_path, "plain", *flags)) == 0
@@ -133,8 +137,7 @@ def test_grad_checkpointing_gives_the_same_weights_after_an_epoch(four_pairs, tm
 def test_grad_checkpointing_keeps_batchnorm_statistics_and_drop_path():
     torch.manual_seed(0)
     plain = FSANet(freq_encoder="res2net50").train()
-    ckpt = FSANet(freq_encoder="res2net50").train()
-    ckpt.load_state_dict(plain.state_dict())
+    ckpt = copy.deepcopy(plain)  # the same weights and buffers, without building a second model
     ckpt.set_grad_checkpointing(True)
     x = torch.randn(2, 3, 64, 64)
     for model in (plain, ckpt):
@@ -157,6 +160,7 @@ def test_bad_accumulation_is_refused_before_work(four_pairs, tmp_path, capsys, f
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_one_line_and_keeps_the_last_checkpoint(four_pairs, tmp_path, capsys, monkeypatch):
     forward = FSANet.forward
     calls = []
@@ -179,6 +183,7 @@ def test_out_of_memory_is_one_line_and_keeps_the_last_checkpoint(four_pairs, tmp
     assert load(tmp_path / "oom" / "last.pth")["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_ddp_accumulation_all_reduces_once_per_optimiser_step(four_pairs, tmp_path):
     """Under DDP the micro-batches before the last keep their gradients local (no_sync): N accumulated
     loader batches cost the all-reduces of one batch, not N times as many."""

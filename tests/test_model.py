@@ -30,14 +30,6 @@ def target() -> FSANet:
     return FSANet()
 
 
-@pytest.fixture(scope="module")
-def release_file(tmp_path_factory, official_weights) -> Path:
-    """A file laid out exactly like the authors' FSANet-100.pth (seed 0, radius 60)."""
-    path = tmp_path_factory.mktemp("release") / "FSANet-100.pth"
-    official_weights.save_official_checkpoint(path, seed=0, radius=60.0)
-    return path
-
-
 def test_parameter_count_matches_release(model):
     assert sum(p.numel() for p in model.parameters()) == 109_194_130
     assert len(model.state_dict()) == 1133
@@ -60,8 +52,8 @@ def test_construction_touches_no_network(monkeypatch):
     FSANet()
 
 
-def test_release_checkpoint_reproduces_reference_forward(model, release_file, reference_dir):
-    load_checkpoint(model, release_file)
+def test_release_checkpoint_reproduces_reference_forward(model, release_checkpoint, reference_dir):
+    load_checkpoint(model, release_checkpoint)
     ref = np.load(reference_dir / "official_forward_seed0_256x256.npz")
     with torch.no_grad():
         outputs = model(torch.from_numpy(ref["input"]))
@@ -70,8 +62,8 @@ def test_release_checkpoint_reproduces_reference_forward(model, release_file, re
         assert np.abs(out.numpy() - ref[name]).max() < 1e-4, name
 
 
-def test_predict_equals_first_output_and_batches_are_independent(model, release_file):
-    load_checkpoint(model, release_file)
+def test_predict_equals_first_output_and_batches_are_independent(model, release_checkpoint):
+    load_checkpoint(model, release_checkpoint)
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         batched = model(x)
@@ -172,11 +164,11 @@ class _Payload:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_bad_files_give_clear_errors(target, release_file, tmp_path):
+def test_bad_files_give_clear_errors(target, release_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(target, tmp_path / "nope.pth")
     truncated = tmp_path / "truncated.pth"
-    truncated.write_bytes(release_file.read_bytes()[: 1 << 20])
+    truncated.write_bytes(release_checkpoint.read_bytes()[: 1 << 20])
     with pytest.raises(CheckpointError, match="truncated.pth is a truncated or damaged PyTorch checkpoint"):
         load_checkpoint(target, truncated)
     text = tmp_path / "notes.pth"

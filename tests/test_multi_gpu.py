@@ -148,6 +148,7 @@ def train_step_as_data_parallel(model: FSANet, lr: float = 4e-4) -> AdaXW:
     return optimizer
 
 
+@pytest.mark.slow  # an optimiser step, as training takes it
 def test_never_used_parameters_stay_untouched_under_data_parallel(model):
     net = model  # the other tests only need the architecture, not these weights (a copy costs 400 MB)
     names = net.never_used_parameters()

@@ -12,11 +12,13 @@ from PIL import Image
 import train
 from lib import FSANet
 from lib.frequency import kept_fraction, scaled_radius
+from pipelines import inference
 from pipelines.demo import demo_radius
 from pipelines.demo import parse_args as demo_args
 from pipelines.inference import load_model, warn_narrow_band
 from pipelines.training import Trainer
 from pipelines.training.config import TrainConfig, highpass_warning
+from utils.runtimes import RuntimeUnavailable
 from utils.synthetic import generate_split
 
 BAND = "leaves the high-pass band empty"
@@ -103,18 +105,28 @@ def test_test_py_takes_the_radius_from_the_checkpoint_and_warns(model, tmp_path,
     assert not caplog.records
 
 
-def test_test_py_run_warns_about_a_release_radius_at_128(model, tmp_path, caplog):
+@pytest.mark.parametrize("runtime", ["torch", "auto"])
+def test_test_py_run_warns_about_a_release_radius_at_128(runtime, model, tmp_path, caplog, monkeypatch):
+    """Once, whichever runtime runs: torch reads the radius from the loaded model, the exported runtimes from the
+    checkpoint file (here `auto` finds no exported runtime and falls back to PyTorch: no ONNX export, no second
+    warning; tests/test_runtimes.py runs the real export)."""
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(photos / "a.png")
     torch.save({"model": model.state_dict()}, tmp_path / "release_radius.pth")
     script = load_test_script()
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeUnavailable("--runtime openvino: the openvino package is not installed")
+    monkeypatch.setattr(inference, "load_runner", unavailable)
     with caplog.at_level(logging.WARNING):
         code = script.main(["--pth_path", str(tmp_path / "release_radius.pth"), "--input", str(photos),
-                            "--save_root", str(tmp_path / "maps"), "--testsize", "128", "--device", "cpu"])
+                            "--save_root", str(tmp_path / "maps"), "--testsize", "128", "--device", "cpu",
+                            "--runtime", runtime])
     (tmp_path / "release_radius.pth").unlink()  # 440 MB
     assert code == 0 and (tmp_path / "maps" / "a.png").is_file()
     assert sum(BAND in r.getMessage() for r in caplog.records) == 1
+    assert ("falling back to --runtime torch" in caplog.text) == (runtime == "auto")
 
 
 def load_test_script():

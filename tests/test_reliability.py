@@ -77,14 +77,6 @@ def one_error_line(stderr: str, *needles: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory, official_weights) -> Path:
-    """A checkpoint laid out like the release's FSANet-100.pth."""
-    path = tmp_path_factory.mktemp("ckpt") / "FSANet-100.pth"
-    official_weights.save_official_checkpoint(path, seed=0, radius=60.0)
-    return path
-
-
 @pytest.fixture(autouse=True)
 def default_pixel_budget():
     """Every test starts and ends with the default pixel budget."""
@@ -105,7 +97,8 @@ def test_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
     assert image_size(bomb) == (60000, 60000)  # a raised budget lets a genuine large header through
 
 
-def test_bomb_beside_a_good_image_under_a_memory_limit(ckpt: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_bomb_beside_a_good_image_under_a_memory_limit(release_checkpoint: Path, tmp_path: Path) -> None:
     """ulimit -v 6000000: exit 1, the bomb named, the good map written (in the photo's displayed orientation)."""
     photos, out = tmp_path / "photos", tmp_path / "maps"
     photos.mkdir()
@@ -115,8 +108,9 @@ def test_bomb_beside_a_good_image_under_a_memory_limit(ckpt: Path, tmp_path: Pat
 
     def limit_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (6_000_000 * 1024, 6_000_000 * 1024))
-    result = subprocess.run([sys.executable, str(ROOT / "test.py"), "--pth_path", str(ckpt), "--input", str(photos),
-                             "--save_root", str(out), "--testsize", SMALL, "--device", "cpu"],
+    result = subprocess.run([sys.executable, str(ROOT / "test.py"), "--pth_path", str(release_checkpoint),
+                             "--input", str(photos), "--save_root", str(out), "--testsize", SMALL, "--device", "cpu",
+                             "--runtime", "torch"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600, preexec_fn=limit_memory)
     assert result.returncode == 1, result.stderr
     assert "a_bomb.png: header says 60000x60000" in result.stderr and "MemoryError" not in result.stderr
@@ -179,7 +173,7 @@ def _test_script():
     return module
 
 
-def test_stale_temps_removed_and_empty_maps_redone(ckpt: Path, tmp_path: Path, caplog) -> None:
+def test_stale_temps_removed_and_empty_maps_redone(release_model: torch.nn.Module, tmp_path: Path, caplog) -> None:
     photos, out = tmp_path / "photos", tmp_path / "maps"
     photos.mkdir()
     out.mkdir()
@@ -190,10 +184,9 @@ def test_stale_temps_removed_and_empty_maps_redone(ckpt: Path, tmp_path: Path, c
     orphan, foreign = out / ".a.png.k2j4_x9q.tmp", out / ".notes.tmp"
     orphan.write_bytes(b"partial")
     foreign.write_text("not ours")
-    model = inference.load_model(ckpt, "resnet50", torch.device("cpu"))
     options = inference.InferenceOptions(testsize=int(SMALL), skip_existing=True)
     with caplog.at_level(logging.INFO):
-        summary = inference.predict_jobs(model, [inference.folder_job(photos, out, exif=True)], options)
+        summary = inference.predict_jobs(release_model, [inference.folder_job(photos, out, exif=True)], options)
     assert (summary.written, summary.skipped, summary.failed) == (1, 1, [])
     assert is_readable_png(out / "a.png") and not orphan.exists() and foreign.exists()
     assert "removed 1 temporary file" in caplog.text
@@ -208,14 +201,15 @@ def interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_in_test_py_reports_maps_written(ckpt: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_ctrl_c_in_test_py_reports_maps_written(release_checkpoint: Path, tmp_path: Path) -> None:
     photos, out = tmp_path / "photos", tmp_path / "maps"
     photos.mkdir()
     for i in range(200):
         Image.fromarray(np.full((48, 40, 3), i, np.uint8)).save(photos / f"p{i:03d}.png")
-    # The bomb test's size and checkpoint: the default runtime reuses its ONNX export from the session's cache.
-    proc = subprocess.Popen([sys.executable, str(ROOT / "test.py"), "--pth_path", str(ckpt), "--input", str(photos),
-                             "--save_root", str(out), "--testsize", SMALL, "--device", "cpu"],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "test.py"), "--pth_path", str(release_checkpoint),
+                             "--input", str(photos), "--save_root", str(out), "--testsize", SMALL, "--device", "cpu",
+                             "--runtime", "torch"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=interruptible)
     deadline = time.monotonic() + 300
@@ -362,6 +356,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: 
     assert torch.load(path, weights_only=True)["epoch"] == 1 and not temp_files(tmp_path)
 
 
+@pytest.mark.slow
 def test_cut_jpeg_skipped_in_workers_then_full_disk(tiny_split: Path, tmp_path: Path, capsys, caplog,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """--on_bad skip: the cut JPEG is named once, when a DataLoader worker fails to decode it, and the epoch is
@@ -394,6 +389,7 @@ def test_cut_jpeg_with_on_bad_error_stops_with_a_true_message(tiny_split: Path, 
     assert "changed after" not in line and "DataLoader" not in line
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_train_py_is_one_line(tiny_split: Path, tmp_path: Path) -> None:
     """A real SIGINT once training has started (DataLoader workers running): one line, exit 130."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),

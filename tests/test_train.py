@@ -194,6 +194,7 @@ def tensorboard_scalars(run: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_logs_it(straight_run):
     scalars = tensorboard_scalars(straight_run)
     for tag in ("train/loss", "train/P1", "train/P2", "train/P3", "train/P4", "train/lr", "train/images_per_s"):
@@ -203,6 +204,7 @@ def test_training_lowers_the_loss_and_logs_it(straight_run):
     assert scalars["train/lr"] == pytest.approx([2e-4 * (2 / 3) ** 0.9] * 2 + [2e-4 * (1 / 3) ** 0.9] * 2)
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_the_full_training_state(straight_run):
     # Release names: after epoch e with (e + 1) % save_every == 0, FSANet-{e+1}.pth (it holds e epochs).
     assert sorted(p.name for p in straight_run.glob("*.pth")) == ["FSANet-3.pth", "last.pth"]
@@ -215,6 +217,7 @@ def test_checkpoints_hold_the_full_training_state(straight_run):
     assert_same_state(ckpt, load(straight_run / "FSANet-3.pth"))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_loads_back_into_the_whole_model_state(straight_run):
     # The whole state dict, BatchNorm's 0-dim num_batches_tracked included.
     saved = load(straight_run / "last.pth")["model"]
@@ -222,6 +225,7 @@ def test_a_checkpoint_loads_back_into_the_whole_model_state(straight_run):
     assert tensors_digest(model.state_dict().items()) == tensors_digest(saved.items())
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(train_split, killed_run, straight_run, tmp_path):
     run = linked_copy(killed_run, tmp_path)
     rc = train.main(cli_args(train_split, tmp_path, "run", *SCHEDULE, "--stop_after_epoch", "2",
@@ -235,6 +239,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(train_split, killed
     assert any(not torch.equal(killed[k], resumed["model"][k]) for k in parameter_names())  # it trained on
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_schedule_trains_nothing(train_split, straight_run, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     run = linked_copy(straight_run, tmp_path)
@@ -246,6 +251,7 @@ def test_resuming_a_finished_schedule_trains_nothing(train_split, straight_run, 
     assert "orphan.jpg" in caplog.text  # the image without a mask is skipped by name (--on_bad skip)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(train_split, killed_run, tmp_path, capsys):
     run = linked_copy(killed_run, tmp_path)
     before = (run / "last.pth").stat()
@@ -259,6 +265,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(train_split, k
     assert sorted(p.name for p in run.glob("*.pth")) == ["last.pth"]
 
 
+@pytest.mark.slow
 def test_fp16_run_keeps_its_grad_scaler_and_validates(tiny_data, tmp_path):
     two_images = tiny_data / "DIS-VD"
     # One rate, one optimiser step: CPU fp16 kernels are slow, and one step moves the GradScaler's state.
@@ -282,11 +289,10 @@ def test_fp16_run_keeps_its_grad_scaler_and_validates(tiny_data, tmp_path):
     trainer.writer.close()
 
 
-def test_release_checkpoint_initialises_weights_only(official_weights, tiny_data, tmp_path):
-    path = tmp_path / "FSANet-100.pth"
-    official_weights.save_official_checkpoint(path, seed=0, radius=60.0)  # the release's layout, with optimizer
+def test_release_checkpoint_initialises_weights_only(official_weights, release_checkpoint, tiny_data, tmp_path):
+    # release_checkpoint: the release's layout, with optimizer
     cfg = TrainConfig(train_path=str(tiny_data / "DIS-TR"), trainsize=64, batchsize=2, num_workers=0, device="cpu",
-                      save_root=str(tmp_path / "ck"), pre_model=str(path), epoch=3)
+                      save_root=str(tmp_path / "ck"), pre_model=str(release_checkpoint), epoch=3)
     trainer = Trainer(cfg)  # no --no_pretrained needed: the weights come from --pre_model
     assert (trainer.state.epoch, trainer.state.step) == (0, 0)  # the run starts at epoch 1
     assert not trainer.optimizer.state
@@ -303,6 +309,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_trains_identical_replicas(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(ROOT / "train.py"),

@@ -135,73 +135,10 @@ def small_ckpt(tmp_path: Path) -> Path:
     return path
 
 
-def test_cache_rebuilds_missing_corrupt_and_foreign_entries(small_ckpt: Path, tmp_path: Path) -> None:
-    calls: list[Path] = []
-    cache = export_cache.ExportCache(tmp_path / "cache", exporter=fake_exporter(calls))
-    spec = export_cache.ExportSpec(small_ckpt, 64)
-    path = cache.get(spec)
-    assert len(calls) == 1 and calls[0] != path and path.read_bytes().startswith(b"64 resnet50")
-    assert cache.get(spec) == path and len(calls) == 1  # hit
-    # Corrupt model file (same size, one byte changed): rebuilt.
-    data = bytearray(path.read_bytes())
-    data[10] ^= 1
-    path.write_bytes(bytes(data))
-    assert cache.get(spec) == path and len(calls) == 2
-    # Truncated, then missing model file; missing and unreadable record: rebuilt each time.
-    path.write_bytes(path.read_bytes()[:50])
-    cache.get(spec)
-    path.unlink()
-    cache.get(spec)
-    path.with_suffix(".json").unlink()
-    cache.get(spec)
-    path.with_suffix(".json").write_text("{not json")
-    cache.get(spec)
-    assert len(calls) == 6 and path.read_bytes().startswith(b"64 resnet50")
-    assert not [p for p in path.parent.iterdir() if p.suffix not in (".onnx", ".json")]  # no temporaries left
 
 
-def test_cache_key_separates_size_architecture_weights_and_versions(small_ckpt: Path, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[Path] = []
-    cache = export_cache.ExportCache(tmp_path / "cache", exporter=fake_exporter(calls))
-    base = cache.get(export_cache.ExportSpec(small_ckpt, 64))
-    other_size = cache.get(export_cache.ExportSpec(small_ckpt, 128))
-    other_arch = cache.get(export_cache.ExportSpec(small_ckpt, 64, "res2net50"))
-    assert len({base, other_size, other_arch}) == 3 and len(calls) == 3
-    assert other_size.read_bytes().startswith(b"128 resnet50") and other_arch.read_bytes().startswith(b"64 res2net50")
-    small_ckpt.write_bytes(b"weights v2")  # retrained weights, same file name
-    assert cache.get(export_cache.ExportSpec(small_ckpt, 64)) != base and len(calls) == 4
-    monkeypatch.setattr(export_cache, "package_version", lambda name: "99.0")
-    cache.get(export_cache.ExportSpec(small_ckpt, 64))
-    assert len(calls) == 5
-    # A record naming another size is never used for this one, even under this entry's file name.
-    fields = export_cache.cache_fields(export_cache.ExportSpec(small_ckpt, 64))
-    model_path, record_path = cache.paths(fields)
-    record = json.loads(record_path.read_text())
-    record_path.write_text(json.dumps(dict(record, testsize=128)))
-    assert "another checkpoint, size or version" in export_cache.ExportCache.check(fields, model_path, record_path)
 
 
-def test_checkpoint_digest_is_remembered_until_the_file_changes(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    checkpoint, memo = tmp_path / "weights.pth", tmp_path / "cache" / "digests.json"
-    checkpoint.write_bytes(b"weights v1")
-    # Just written: the clock's coarse step could hide a rewrite, so the digest is not remembered yet.
-    assert export_cache.remembered_sha256(checkpoint, memo) == export_cache.file_sha256(checkpoint)
-    assert not memo.exists()
-    old = checkpoint.stat().st_mtime - 60
-    os.utime(checkpoint, (old, old))
-    first = export_cache.remembered_sha256(checkpoint, memo)
-    assert memo.is_file()
-    hashed: list[Path] = []
-    real_sha256 = export_cache.file_sha256
-    monkeypatch.setattr(export_cache, "file_sha256", lambda path: hashed.append(path) or real_sha256(path))
-    assert export_cache.remembered_sha256(checkpoint, memo) == first and hashed == []  # read from the memo
-    checkpoint.write_bytes(b"weights v2")  # retrained in place: same name and size, new time stamp
-    assert export_cache.remembered_sha256(checkpoint, memo) == real_sha256(checkpoint) != first
-    assert hashed == [checkpoint]
-    memo.write_text("{not json")  # a damaged memo costs a hash, nothing else
-    assert export_cache.remembered_sha256(checkpoint, memo) == real_sha256(checkpoint)
 
 
 @pytest.mark.slow
@@ -243,17 +180,6 @@ def test_runtime_fault_after_compiling_is_one_line_and_exit_1(exported: Path, on
         assert message.startswith(f"{runner.name} failed while running {exported}") and "--runtime torch" in message
 
 
-def test_cache_folder_default_and_unwritable_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert export_cache.default_cache_dir() == tmp_path / "xdg" / "fsanet"
-    assert export_cache.usable_cache_dir(None) == tmp_path / "xdg" / "fsanet"
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    with caplog.at_level(logging.WARNING):
-        fallback = export_cache.usable_cache_dir(blocker / "cache")
-    assert fallback.is_dir() and os.access(fallback, os.W_OK) and "not writable" in caplog.text
-    shutil.rmtree(fallback)
 
 
 def test_explicit_runtime_refusals_and_auto_fallback(release_checkpoint: Path, tmp_path: Path,

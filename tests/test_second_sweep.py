@@ -15,7 +15,7 @@ import onnx
 import pytest
 from PIL import Image
 from test_eval import make_layout, read_pair
-from test_reliability import SMALL, _test_script, ckpt, one_error_line  # noqa: F401  (ckpt: a fixture)
+from test_reliability import SMALL, _test_script, one_error_line
 
 import benchmark
 import eval as eval_script
@@ -121,9 +121,9 @@ def test_export_checks_the_output_folder_and_warns_for_opset_20(tmp_path: Path, 
 
 
 @pytest.mark.slow
-def test_export_writes_the_opset_it_says(ckpt: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_export_writes_the_opset_it_says(release_checkpoint: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "m.onnx"
-    assert export.main(["--pth_path", str(ckpt), "--testsize", SMALL, "--output", str(out)]) == 0
+    assert export.main(["--pth_path", str(release_checkpoint), "--testsize", SMALL, "--output", str(out)]) == 0
     assert [i.version for i in onnx.load(str(out), load_external_data=False).opset_import if i.domain == ""] == [
         DEFAULT_OPSET]
     assert f"(opset {DEFAULT_OPSET})" in capsys.readouterr().out
@@ -229,13 +229,13 @@ def test_broken_links_are_listed_and_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_broken_links_make_test_py_exit_1(ckpt: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_broken_links_make_test_py_exit_1(release_checkpoint: Path, tmp_path: Path, capsys) -> None:
     photos, out = tmp_path / "photos", tmp_path / "maps"
     photos.mkdir()
     Image.fromarray(np.full((48, 40, 3), 90, np.uint8)).save(photos / "good.png")
     (photos / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
     (photos / "loop.png").symlink_to(photos / "loop.png")
-    code = _test_script().main(["--pth_path", str(ckpt), "--input", str(photos), "--save_root", str(out),
+    code = _test_script().main(["--pth_path", str(release_checkpoint), "--input", str(photos), "--save_root", str(out),
                                 "--testsize", SMALL, "--device", "cpu", "--runtime", "torch"])
     captured = capsys.readouterr()
     assert code == 1

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from PIL import Image
-from test_reliability import SMALL, ckpt, temp_files, tiny_split, train_args  # noqa: F401  (fixtures)
+from test_reliability import SMALL, temp_files, tiny_split, train_args  # noqa: F401  (fixtures)
 
 from pipelines.cli import Interrupted, run_cli
 
@@ -96,12 +96,13 @@ def test_sigterm_while_saving_leaves_no_temp_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sighup_in_test_py_reports_maps_written(ckpt: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_sighup_in_test_py_reports_maps_written(release_checkpoint: Path, tmp_path: Path) -> None:
     photos, out = tmp_path / "photos", tmp_path / "maps"
     photos.mkdir()
     for i in range(200):
         Image.fromarray(np.full((48, 40, 3), i, np.uint8)).save(photos / f"p{i:03d}.png")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "test.py"), "--pth_path", str(ckpt), "--input", str(photos),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "test.py"), "--pth_path", str(release_checkpoint),
+                             "--input", str(photos),
                              "--save_root", str(out), "--testsize", SMALL, "--device", "cpu", "--runtime", "torch"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=stoppable)

@@ -335,12 +335,12 @@ def test_every_save_mode_follows_exif_orientation(release_model: torch.nn.Module
 
 
 @pytest.mark.slow
-def test_background_flag_and_no_refine_foreground(release_ckpt: Path, one_photo: Path, tmp_path: Path) -> None:
+def test_background_flag_and_no_refine_foreground(release_checkpoint: Path, one_photo: Path, tmp_path: Path) -> None:
     """test.py --background IMAGE (any size: resized to the photo's) with --no_refine_foreground: the photo's own
     RGB over the image, blended by the map in sRGB; rgba by default estimates the foreground colours."""
     backdrop = scene(30, 90, seed=9)
     Image.fromarray(backdrop).save(tmp_path / "bg.png")
-    common = ("--pth_path", release_ckpt, "--input", one_photo, "--testsize", SMALL)
+    common = ("--pth_path", release_checkpoint, "--input", one_photo, "--testsize", SMALL)
     for extra, out in (((), "map"), (("--background", tmp_path / "bg.png", "--no_refine_foreground"), "bg"),
                        (("--save_mode", "rgba"), "rgba")):
         result = run_test_py(*common, "--save_root", tmp_path / out, *extra)

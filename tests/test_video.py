@@ -52,17 +52,9 @@ def read_clip(path: Path) -> tuple[list[np.ndarray], float]:
 
 
 @pytest.fixture(scope="module")
-def release_ckpt(tmp_path_factory: pytest.TempPathFactory, official_weights) -> Path:
-    """A checkpoint laid out like the release's FSANet-100.pth (the fixtures' seed-0 weights)."""
-    path = tmp_path_factory.mktemp("ckpt") / "FSANet-100.pth"
-    official_weights.save_official_checkpoint(path, seed=0, radius=60.0)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(release_ckpt: Path) -> torch.nn.Module:
-    """The PyTorch model test.py runs with --runtime torch."""
-    return inference.load_model(release_ckpt, "resnet50", torch.device("cpu"))
+def model(release_model: torch.nn.Module) -> torch.nn.Module:
+    """The PyTorch model test.py runs with --runtime torch (the session's release_model)."""
+    return release_model
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +117,7 @@ def test_every_mode_writes_every_frame_at_the_clip_rate_and_size(model: torch.nn
 
 
 @pytest.mark.slow  # test.py's main end to end: loads the model and predicts the readable frames
-def test_cut_clip_stops_at_the_last_readable_frame_exit_1(release_ckpt: Path, tmp_path: Path,
+def test_cut_clip_stops_at_the_last_readable_frame_exit_1(release_checkpoint: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     whole = tmp_path / "whole.avi"
@@ -135,7 +127,7 @@ def test_cut_clip_stops_at_the_last_readable_frame_exit_1(release_ckpt: Path, tm
     readable = len(read_clip(cut)[0])
     assert 0 < readable < 11
     with caplog.at_level(logging.WARNING):
-        code, err = run_main(capsys, "--pth_path", release_ckpt, "--input", cut, "--save_root", tmp_path / "out",
+        code, err = run_main(capsys, "--pth_path", release_checkpoint, "--input", cut, "--save_root", tmp_path / "out",
                              "--testsize", SMALL, "--runtime", "torch", "--save_mode", "green")
     assert code == 1, err
     assert f"stopped at frame {readable} of 12" in caplog.text and "cut or corrupt" in caplog.text
@@ -172,10 +164,10 @@ def test_bad_video_input_is_one_error_line(case: str, capsys: pytest.CaptureFixt
 
 
 @pytest.mark.slow
-def test_ctrl_c_keeps_a_playable_video_of_the_frames_written(release_ckpt: Path, tmp_path: Path) -> None:
+def test_ctrl_c_keeps_a_playable_video_of_the_frames_written(release_checkpoint: Path, tmp_path: Path) -> None:
     source, out = tmp_path / "long.avi", tmp_path / "out"
     write_clip(source, 600)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "test.py"), "--pth_path", str(release_ckpt), "--input",
+    proc = subprocess.Popen([sys.executable, str(ROOT / "test.py"), "--pth_path", str(release_checkpoint), "--input",
                              str(source), "--save_root", str(out), "--testsize", SMALL, "--runtime", "torch",
                              "--save_mode", "overlay"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -32,9 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", "--num_workers", dest="workers", type=int_at_least(1), default=default_workers(),
                    help="worker processes evaluating images in parallel (default: all cores)")
     p.add_argument("--cache_dir", type=Path, default=None,
-                   help=f"folder caching what depends on a GT alone (HCE skeleton, weighted-F distance transform, "
-                        f"boundary bands; keyed by GT file content) and each image's results (keyed by GT, "
-                        f"prediction and metric set) (default: {default_cache_dir()})")
+                   help=f"folder caching what depends on a GT alone (HCE skeleton, weighted-F and S-measure GT parts, "
+                        f"boundary bands) and each image's results; every entry is keyed by the files' content, the "
+                        f"repo code that computes it and the libraries' versions (default: {default_cache_dir()})")
     p.add_argument("--no_cache", action="store_true", help="recompute everything, read and write no cache")
     p.add_argument("--metrics", nargs="+", choices=ALL_METRICS + BOUNDARY_METRICS, default=list(FIELD_METRICS),
                    metavar="METRIC",

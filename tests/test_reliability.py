@@ -153,15 +153,34 @@ def test_test_py_unwritable_save_root_is_refused_before_the_model(tmp_path: Path
     base = ["--pth_path", str(tmp_path / "unused.pth"), "--input", str(photos)]
     assert script.main(base + ["--save_root", str(blocker / "maps")]) == 2
     one_error_line(capsys.readouterr().err, "--save_root", "not a directory")
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    if os.geteuid() == 0:  # root writes anywhere: simulate the OS's answer for a read-only folder
+    locked = read_only_folder(tmp_path / "locked", monkeypatch)
+    assert script.main(base + ["--save_root", str(locked)]) == 2
+    one_error_line(capsys.readouterr().err, "--save_root", str(locked), "permission denied")
+
+
+def read_only_folder(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A new folder nothing can be written in (as root, which writes anywhere, the OS's answer is simulated)."""
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
         def refuse(*args, **kwargs):
             raise PermissionError(errno.EACCES, "Permission denied")
         monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
-    assert script.main(base + ["--save_root", str(locked)]) == 2
-    one_error_line(capsys.readouterr().err, "--save_root", str(locked), "permission denied")
+    return folder
+
+
+def train_py_running(split: Path, save_root: Path, preexec_fn) -> tuple[subprocess.Popen, list[str]]:
+    """train.py started on `split` for 50 epochs with 2 DataLoader workers, once its loop runs; its stderr so far."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                             *train_args(split, save_root, "--epoch", "50", "--num_workers", "2")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec_fn)
+    seen = []
+    for line in proc.stderr:  # log lines end in newlines; wait for the loop to start
+        seen.append(line)
+        if "training on" in line:
+            break
+    return proc, seen
 
 
 def _test_script():
@@ -392,15 +411,7 @@ def test_cut_jpeg_with_on_bad_error_stops_with_a_true_message(tiny_split: Path, 
 @pytest.mark.slow
 def test_ctrl_c_in_train_py_is_one_line(tiny_split: Path, tmp_path: Path) -> None:
     """A real SIGINT once training has started (DataLoader workers running): one line, exit 130."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
-                             *train_args(tiny_split, tmp_path, "--epoch", "50", "--num_workers", "2")],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=interruptible)
-    seen = []
-    for line in proc.stderr:  # log lines end in newlines; wait for the loop to start
-        seen.append(line)
-        if "training on" in line:
-            break
+    proc, seen = train_py_running(tiny_split, tmp_path, interruptible)
     proc.send_signal(signal.SIGINT)
     rest = proc.stderr.read()
     proc.wait(timeout=120)

@@ -2,10 +2,8 @@
 names and tables, rgba cutouts scored by their alpha, GTs with no boundary, 1 x N masks, broken symbolic links."""
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
 import re
 import warnings
 from pathlib import Path
@@ -15,7 +13,7 @@ import onnx
 import pytest
 from PIL import Image
 from test_eval import make_layout, read_pair
-from test_reliability import SMALL, _test_script, one_error_line
+from test_reliability import SMALL, _test_script, one_error_line, read_only_folder
 
 import benchmark
 import eval as eval_script
@@ -23,7 +21,6 @@ import export
 import gpu_check
 import train
 from pipelines import eval_reports
-from utils import atomic
 from utils.errors import FSANetError
 from utils.imageio import ImageReadError, image_size, list_images, read_map, read_rgb
 from utils.metrics import DISMetrics, image_summary
@@ -103,13 +100,7 @@ def test_export_flags_refused_at_parse_time(argv: list[str], needle: str, capsys
 def test_export_checks_the_output_folder_and_warns_for_opset_20(tmp_path: Path, caplog,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """export.py's check_args, which runs before the checkpoint is read and the half-minute export."""
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    if os.geteuid() == 0:  # root writes anywhere: simulate the OS's answer for a read-only folder
-        def refuse(*args, **kwargs):
-            raise PermissionError(errno.EACCES, "Permission denied")
-        monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
+    locked = read_only_folder(tmp_path / "locked", monkeypatch)
     with pytest.raises(FSANetError, match=rf"--output {locked}: cannot write there \(permission denied\)") as err:
         export.check_args(export.parse_args(["--pth_path", "unused.pth", "--output", str(locked / "m.onnx")]))
     assert err.value.exit_code == 2

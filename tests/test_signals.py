@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from PIL import Image
-from test_reliability import SMALL, temp_files, tiny_split, train_args  # noqa: F401  (fixtures)
+from test_reliability import SMALL, temp_files, tiny_split, train_args, train_py_running  # noqa: F401  (fixtures)
 
 from pipelines.cli import Interrupted, run_cli
 
@@ -120,15 +120,7 @@ def test_sighup_in_test_py_reports_maps_written(release_checkpoint: Path, tmp_pa
 @pytest.mark.slow
 def test_sigterm_in_train_py_names_where_it_stopped(tiny_split: Path, tmp_path: Path) -> None:  # noqa: F811
     """SIGTERM once training runs (DataLoader workers up): one line, exit 143, no worker left behind."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
-                             *train_args(tiny_split, tmp_path, "--epoch", "50", "--num_workers", "2")],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=stoppable)
-    seen = []
-    for line in proc.stderr:  # log lines end in newlines; wait for the loop to start
-        seen.append(line)
-        if "training on" in line:
-            break
+    proc, seen = train_py_running(tiny_split, tmp_path, stoppable)
     children = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     rest = proc.stderr.read()

@@ -240,20 +240,20 @@ def test_checkpoint_digest_is_remembered_until_the_file_changes(tmp_path: Path,
     checkpoint, memo = tmp_path / "weights.pth", tmp_path / "cache" / "digests.json"
     checkpoint.write_bytes(b"weights v1")
     # Just written: the clock's coarse step could hide a rewrite, so the digest is not remembered yet.
-    assert export_cache.remembered_sha256(checkpoint, memo) == export_cache.file_sha256(checkpoint)
+    assert export_cache.DigestMemo(memo).sha256(checkpoint) == export_cache.file_sha256(checkpoint)
     assert not memo.exists()
     monkeypatch.setattr(cache_keys, "RACY_SECONDS", -1.0)  # as if it had been written long ago
-    first = export_cache.remembered_sha256(checkpoint, memo)
+    first = export_cache.DigestMemo(memo).sha256(checkpoint)
     assert memo.is_file()
     hashed: list[Path] = []
     real = export_cache.stamped_sha256
     monkeypatch.setattr(export_cache, "stamped_sha256", lambda path: hashed.append(path) or real(path))
-    assert export_cache.remembered_sha256(checkpoint, memo) == first and hashed == []  # read from the memo
+    assert export_cache.DigestMemo(memo).sha256(checkpoint) == first and hashed == []  # read from the memo
     checkpoint.write_bytes(b"weights v2")  # retrained in place: same name and size
-    assert export_cache.remembered_sha256(checkpoint, memo) == export_cache.file_sha256(checkpoint) != first
+    assert export_cache.DigestMemo(memo).sha256(checkpoint) == export_cache.file_sha256(checkpoint) != first
     assert hashed == [checkpoint]
     memo.write_text("{not json")  # a damaged memo costs a hash, nothing else
-    assert export_cache.remembered_sha256(checkpoint, memo) == export_cache.file_sha256(checkpoint)
+    assert export_cache.DigestMemo(memo).sha256(checkpoint) == export_cache.file_sha256(checkpoint)
 
 
 def test_an_in_place_copy_that_keeps_the_mtime_misses_the_memo(tmp_path: Path,
@@ -264,14 +264,14 @@ def test_an_in_place_copy_that_keeps_the_mtime_misses_the_memo(tmp_path: Path,
     old = checkpoint.stat().st_mtime_ns - 60 * 10**9
     os.utime(checkpoint, ns=(old, old))
     monkeypatch.setattr(cache_keys, "RACY_SECONDS", -1.0, raising=False)  # remembered at once
-    assert export_cache.remembered_sha256(checkpoint, memo) == export_cache.file_sha256(checkpoint)
+    assert export_cache.DigestMemo(memo).sha256(checkpoint) == export_cache.file_sha256(checkpoint)
     before = checkpoint.stat()
     with open(checkpoint, "r+b") as f:  # what cp -p / rsync --inplace -t do: rewrite, then set the mtime back
         f.write(b"weights B")
     os.utime(checkpoint, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = checkpoint.stat()
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
-    assert export_cache.remembered_sha256(checkpoint, memo) == export_cache.file_sha256(checkpoint)
+    assert export_cache.DigestMemo(memo).sha256(checkpoint) == export_cache.file_sha256(checkpoint)
 
 
 def test_a_file_rewritten_while_hashed_is_not_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

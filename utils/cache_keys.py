@@ -4,8 +4,8 @@ A cache is a promise that its answer equals recomputing. Every on-disk cache of 
 OpenVINO compiled models, eval's GT and per-image results, the training data cache) builds its key
 from `computation_fields` and `content` digests made here, so the next cache cannot forget a part:
 
-- content: the SHA-256 of the bytes the computation uses, taken from the same read (`read_hashed`) or
-  the same open file (`sha256_of_open`), never from a second open of the path;
+- content: the SHA-256 of the bytes the computation uses, taken from the same read (`read_hashed`),
+  never from a second open of the path;
 - code: `code_digest(modules)`, the SHA-256 of the repo's source files those modules import, followed
   transitively through the repo (a `git pull` that changes any of them changes the key), computed once
   per process;
@@ -31,7 +31,6 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 from utils.atomic import pid_alive, remove_stale_temps
 
@@ -50,23 +49,13 @@ def default_cache_dir() -> Path:
 
 def read_hashed(path: str | os.PathLike) -> tuple[bytes, str]:
     """A file's bytes and the SHA-256 of exactly those bytes (one read: the digest names what is used)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    return data, hashlib.sha256(data).hexdigest()
-
-
-def sha256_of_open(f: BinaryIO) -> str:
-    """SHA-256 of an open binary file from its start; the file is left at position 0 for the caller to use."""
-    f.seek(0)
-    digest = hashlib.file_digest(f, "sha256").hexdigest()
-    f.seek(0)
-    return digest
+    data, digest, _ = read_hashed_stamped(path)
+    return data, digest
 
 
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a file's content (for files this run wrote itself, such as a fresh export)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return stamped_sha256(path)[0]
 
 
 def library_versions(names: Iterable[str]) -> dict[str, str]:

@@ -121,11 +121,6 @@ class DigestMemo:
         return data, digest
 
 
-def remembered_sha256(path: Path, memo_file: Path) -> str:
-    """SHA-256 of `path`, read from `memo_file` when the file still has the stamp it had when hashed."""
-    return DigestMemo(memo_file).sha256(Path(path))
-
-
 def _checkpoint_error(spec: ExportSpec, error: OSError | None = None) -> FSANetError:
     """The CheckpointError of a checkpoint that is missing or cannot be read."""
     from lib.checkpoint import CheckpointError

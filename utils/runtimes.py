@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib.util
 import logging
 import os
@@ -134,6 +135,12 @@ class _SignalStack(ctypes.Structure):
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded once (kept_signal_stack runs around every OpenVINO inference)."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 @contextlib.contextmanager
 def kept_signal_stack() -> Iterator[None]:
     """Restore the calling thread's alternate signal stack after the block.
@@ -145,7 +152,7 @@ def kept_signal_stack() -> Iterator[None]:
     if not sys.platform.startswith("linux"):
         yield
         return
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc()
     saved = _SignalStack()
     if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
         yield

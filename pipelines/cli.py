@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 # Ctrl-C; schedulers (SLURM, `timeout`, `kill PID`) stop a job with SIGTERM; a closed terminal sends SIGHUP.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 REDELIVER_S = 0.05
+# The process whose handlers raise; a process forked from it (a DataLoader worker still starting) inherits them.
+_handler_pid: int | None = None
 
 
 class Interrupted(KeyboardInterrupt):
@@ -47,8 +49,21 @@ def _swallowed_there(frame: FrameType | None) -> bool:
     return False
 
 
+def _die_by(signum: int) -> None:
+    """End this process by the signal's default action, as it would have ended without our handlers."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    """Signal handler: stop the run as Ctrl-C would; where the exception would be lost, deliver it again shortly."""
+    """Signal handler: stop the run as Ctrl-C would; where the exception would be lost, deliver it again shortly.
+
+    A forked child that has not yet set handlers of its own (a DataLoader worker that the exiting parent
+    terminates while it starts) ends quietly by the signal instead of printing the parent's traceback.
+    """
+    if os.getpid() != _handler_pid:
+        _die_by(signum)
+        return
     if _swallowed_there(frame):
         timer = threading.Timer(REDELIVER_S, os.kill, (os.getpid(), signum))
         timer.daemon = True
@@ -64,9 +79,11 @@ def stop_signals_interrupt() -> Iterator[None]:
 
     A signal the parent set to be ignored stays ignored (`nohup` ignores SIGHUP on purpose).
     """
+    global _handler_pid
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _handler_pid = os.getpid()
     previous = {}
     for signum in STOP_SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
@@ -105,14 +122,16 @@ def run_cli(body: Callable[[], int], interrupted: Callable[[], str] | None = Non
 
 def _release_interrupted_objects(stop: BaseException) -> None:
     """Free what the interrupted frames held now, before the summary line, so that the complaints of objects the
-    interrupt left half-built (a DataLoader iterator stopped in its __init__) go to the debug log, not stderr."""
-    stop.__traceback__ = None
-    if stop.__context__ is not None:
-        stop.__context__.__traceback__ = None
+    interrupt left half-built (a DataLoader iterator stopped in its __init__) go to the debug log, not stderr.
+
+    The hook is in place before the traceback is dropped: dropping it is what runs those objects' __del__."""
     hook = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: log.debug("after the interrupt: %s in %r", unraisable.exc_value,
                                                       unraisable.object)
     try:
+        stop.__traceback__ = None
+        if stop.__context__ is not None:
+            stop.__context__.__traceback__ = None
         gc.collect()
     finally:
         sys.unraisablehook = hook

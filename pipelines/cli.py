@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
 
 from utils.errors import EXIT_INTERRUPTED, FSANetError, one_line
 
@@ -25,8 +26,13 @@ log = logging.getLogger(__name__)
 # Ctrl-C; schedulers (SLURM, `timeout`, `kill PID`) stop a job with SIGTERM; a closed terminal sends SIGHUP.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 REDELIVER_S = 0.05
-# The process whose handlers raise; a process forked from it (a DataLoader worker still starting) inherits them.
+# The process whose handlers raise, and the handlers they replaced: a process forked from it (a DataLoader
+# worker) inherits ours, and gets the replaced ones back, so it acts as it would without run_cli.
 _handler_pid: int | None = None
+_replaced: dict[int, Any] = {}
+# True while this process forks: an exception raised in another library's fork hook is printed and dropped.
+_forking = False
+_fork_hooks_registered = False
 
 
 class Interrupted(KeyboardInterrupt):
@@ -49,22 +55,59 @@ def _swallowed_there(frame: FrameType | None) -> bool:
     return False
 
 
-def _die_by(signum: int) -> None:
-    """End this process by the signal's default action, as it would have ended without our handlers."""
+def _fork_starts() -> None:
+    """Before a fork (our hook runs before the other libraries' hooks): defer stop signals until it ends."""
+    global _forking
+    _forking = True
+
+
+def _fork_ended_in_parent() -> None:
+    """After a fork, in the parent (after the other libraries' hooks): stop signals raise again."""
+    global _forking
+    _forking = False
+
+
+def _fork_ended_in_child() -> None:
+    """In a process forked inside the block: the handlers the block replaced (Python's Ctrl-C, SIGTERM's default)."""
+    _fork_ended_in_parent()
+    if _handler_pid is None or os.getpid() == _handler_pid:
+        return
+    for signum, handler in _replaced.items():
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signum, handler)
+
+
+def _register_fork_hooks() -> None:
+    """Register the fork hooks once, when the first block starts: after the libraries imported so far, so that
+    ours run first before a fork and last after it (Python runs `before` hooks in reverse order)."""
+    global _fork_hooks_registered
+    if not _fork_hooks_registered:
+        os.register_at_fork(before=_fork_starts, after_in_parent=_fork_ended_in_parent,
+                            after_in_child=_fork_ended_in_child)
+        _fork_hooks_registered = True
+
+
+def _as_replaced(signum: int, frame: FrameType | None) -> None:
+    """What the replaced handler does with the signal (default action: end this process by it)."""
+    handler = _replaced.get(signum, signal.SIG_DFL)
+    if callable(handler):
+        handler(signum, frame)
+        return
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    """Signal handler: stop the run as Ctrl-C would; where the exception would be lost, deliver it again shortly.
+    """Signal handler: stop the run as Ctrl-C would; where the exception would be lost (a `__del__`, a library's
+    fork hook while a DataLoader starts its workers), deliver it again shortly.
 
-    A forked child that has not yet set handlers of its own (a DataLoader worker that the exiting parent
-    terminates while it starts) ends quietly by the signal instead of printing the parent's traceback.
+    In a forked child that got the signal before the fork hook restored its handlers (a DataLoader worker the
+    exiting parent terminates while it starts), the replaced handler acts: no traceback of the parent's kind.
     """
     if os.getpid() != _handler_pid:
-        _die_by(signum)
+        _as_replaced(signum, frame)
         return
-    if _swallowed_there(frame):
+    if _forking or _swallowed_there(frame):
         timer = threading.Timer(REDELIVER_S, os.kill, (os.getpid(), signum))
         timer.daemon = True
         timer.start()
@@ -84,10 +127,12 @@ def stop_signals_interrupt() -> Iterator[None]:
         yield
         return
     _handler_pid = os.getpid()
+    _register_fork_hooks()
     previous = {}
     for signum in STOP_SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             previous[signum] = signal.signal(signum, _raise_interrupted)
+    _replaced.update(previous)
     try:
         yield
     finally:

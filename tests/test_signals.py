@@ -198,3 +198,24 @@ def test_a_forked_child_still_starting_ends_by_the_signal_quietly() -> None:
                           preexec_fn=stoppable)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{-signal.SIGTERM}\n" and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_a_signal_inside_a_librarys_fork_hook_still_stops_the_run() -> None:
+    """SIGTERM handled while another library's fork hook runs (filelock pins its objects there each time a
+    DataLoader forks a worker) used to be printed as 'Exception ignored' and lost: the run went on."""
+    code = ("import multiprocessing as mp, os, signal, sys, time\n"
+            "def library_hook():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    sum(range(100000))\n"  # the handler runs here, inside the hook
+            "os.register_at_fork(before=library_hook)\n"
+            "from pipelines.cli import run_cli\n"
+            "def body():\n"
+            "    p = mp.get_context('fork').Process(target=time.sleep, args=(0,))\n"
+            "    p.start(); p.join()\n"
+            "    time.sleep(10)\n"
+            "    return 0\n"
+            "sys.exit(run_cli(body, lambda: 'stopped'))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          preexec_fn=stoppable)
+    assert done.returncode == 143 and done.stderr == "interrupted (SIGTERM): stopped\n", done.stderr

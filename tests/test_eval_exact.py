@@ -20,7 +20,7 @@ from scipy import ndimage
 from test_eval import STEMS, read_pair
 
 from utils import wf_ground
-from utils.metrics import DISMetrics, HumanCorrectionEffort
+from utils.metrics import DISMetrics, HumanCorrectionEffort, contour_regions
 from utils.metrics import Smeasure as EmptyQuadrantSmeasure
 from utils.thinning import gt_skeleton
 
@@ -184,10 +184,47 @@ def test_boundary_filter_equals_the_library_on_varied_masks() -> None:
     ours, library = HumanCorrectionEffort(), HumanCorrectionEffortMeasure()
     for i, mask in enumerate(varied_masks(3)):
         for condition in (rng.random(mask.shape) < 0.3, np.roll(mask, 1, axis=0), np.zeros_like(mask), ~mask):
-            contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
-            got, got_count = ours.filter_conditional_boundary(contours, mask, condition)
+            contours, tree = cv2.findContours(mask.astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
             want, want_count = library.filter_conditional_boundary(contours, mask, condition.astype(np.int64))
-            assert got_count == want_count, f"mask {i}"
-            assert len(got) == len(want), f"mask {i}"
-            for a, b in zip(got, want):
-                assert a.dtype == b.dtype and a.shape == b.shape and (a == b).all(), f"mask {i}"
+            for hierarchy in (None, tree):  # regions labelled, or read from the contours' hierarchy
+                got, got_count = ours.filter_conditional_boundary(contours, mask, condition, hierarchy)
+                assert got_count == want_count, f"mask {i}"
+                assert len(got) == len(want), f"mask {i}"
+                for a, b in zip(got, want):
+                    assert a.dtype == b.dtype and a.shape == b.shape and (a == b).all(), f"mask {i}"
+
+
+def test_contour_hierarchy_gives_the_8_connected_regions() -> None:
+    """Each contour's region (outer border, or a hole's parent) is the connectedComponents label of its points,
+    and the number of outer borders is the number of regions: nested rings, border-touching and speckle masks."""
+    rng = np.random.default_rng(7)
+    rings = np.zeros((40, 40), np.uint8)
+    for radius in (18, 14, 10, 6, 2):  # regions inside holes inside regions
+        cv2.circle(rings, (20, 20), radius, 1, 1)
+    masks = [rings, np.ones((5, 6), np.uint8), *(m.astype(np.uint8) for m in varied_masks(4))]
+    masks += [(rng.random(tuple(rng.integers(1, 40, 2))) < rng.uniform(0.1, 0.9)).astype(np.uint8) for _ in range(300)]
+    for i, mask in enumerate(masks):
+        count, labels = cv2.connectedComponents(mask, connectivity=8)
+        contours, tree = cv2.findContours(mask, cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
+        if not contours:
+            assert count == 1, f"mask {i}"
+            continue
+        region, regions = contour_regions(tree)
+        assert regions == count - 1, f"mask {i}"
+        label_of = [set(labels[c[:, 0, 1], c[:, 0, 0]].tolist()) for c in contours]
+        assert all(len(found) == 1 for found in label_of), f"mask {i}"
+        assert [label_of[r] for r in region] == label_of, f"mask {i}"
+        assert len({min(label_of[r]) for r in set(region.tolist())}) == regions, f"mask {i}"
+
+
+def test_both_convolutions_equal_scipy_on_every_tile() -> None:
+    """OpenCV's filter2D (used where its check says it sums as scipy does) and the scipy fallback give scipy's
+    full-image value on larger, varied maps than the check's sample."""
+    rng = np.random.default_rng(8)
+    for gt_bin in varied_masks(5) + [rng.random((97, 131)) < 0.01]:
+        values = rng.random(gt_bin.shape) * (rng.random(gt_bin.shape) < 0.6)
+        full = ndimage.convolve(values, weights=wf_ground._KERNEL, mode="constant", cval=0)
+        # OpenCV's only where the check passed (elsewhere eval uses scipy's, which must still match).
+        fast = (wf_ground._opencv_convolve,) if wf_ground.opencv_sums_as_scipy() else ()
+        for convolve in (*fast, wf_ground._scipy_convolve):
+            np.testing.assert_array_equal(convolve(values), full)

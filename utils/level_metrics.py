@@ -29,6 +29,13 @@ def normalised_levels(pred: np.ndarray) -> np.ndarray:
     return levels
 
 
+def level_values(levels: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """`levels[pred]` (one float64 per 8-bit pixel, any shape) through OpenCV's table look-up: the same values."""
+    if pred.size == 0:
+        return levels[pred]
+    return cv2.LUT(np.ascontiguousarray(pred), levels).reshape(pred.shape)
+
+
 def level_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pixels of each 8-bit level inside and outside the boolean GT (int64, 256 each)."""
     if pred.size < _CALCHIST_LIMIT:

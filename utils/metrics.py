@@ -26,7 +26,14 @@ from py_sod_metrics import Smeasure as LibrarySmeasure
 from py_sod_metrics.utils import validate_and_normalize_input
 
 from utils.boundary_metrics import BoundaryAccuracy, BoundaryGround, BoundaryIoU
-from utils.level_metrics import adaptive_threshold, level_counts, normalised_levels, step_emeasure, step_fmeasure
+from utils.level_metrics import (
+    adaptive_threshold,
+    level_counts,
+    level_values,
+    normalised_levels,
+    step_emeasure,
+    step_fmeasure,
+)
 from utils.structure_measure import SMGround, s_measure, sm_ground
 from utils.thinning import gt_skeleton
 from utils.wf_ground import WFGround, weighted_fmeasure_of_error, wf_ground
@@ -107,27 +114,32 @@ class HumanCorrectionEffort(HumanCorrectionEffortMeasure):
         # Missed skeleton pixels are structural errors however thin they are.
         fn_relaxed = np.logical_or(fn_relaxed, np.logical_xor(skeleton, np.logical_and(tp, skeleton)))
 
-        contours_fp, _ = cv2.findContours(fp_relaxed.view(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
-        bdies_fp, indep_fp = self.filter_conditional_boundary(contours_fp, fp_relaxed, np.logical_or(tp, fn_relaxed))
-        contours_fn, _ = cv2.findContours(fn_relaxed.view(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
+        contours_fp, tree_fp = cv2.findContours(fp_relaxed.view(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
+        bdies_fp, indep_fp = self.filter_conditional_boundary(contours_fp, fp_relaxed, np.logical_or(tp, fn_relaxed),
+                                                              tree_fp)
+        contours_fn, tree_fn = cv2.findContours(fn_relaxed.view(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_NONE)
         # The library's `1 - (tp | fp_relaxed | fn_relaxed)`, which it only dilates as 8-bit: the same 0/1 bytes.
         condition_fn = ~np.logical_or(np.logical_or(tp, fp_relaxed), fn_relaxed)
-        bdies_fn, indep_fn = self.filter_conditional_boundary(contours_fn, fn_relaxed, condition_fn.view(np.uint8))
+        bdies_fn, indep_fn = self.filter_conditional_boundary(contours_fn, fn_relaxed, condition_fn.view(np.uint8),
+                                                              tree_fn)
         points = self.count_polygon_control_points(bdies_fp, self.epsilon)
         points += self.count_polygon_control_points(bdies_fn, self.epsilon)
         return int(points + indep_fp + indep_fn)
 
 
     def filter_conditional_boundary(self, contours: Sequence[np.ndarray], mask: np.ndarray,
-                                    condition: np.ndarray) -> tuple[list[np.ndarray], int]:
+                                    condition: np.ndarray,
+                                    hierarchy: np.ndarray | None = None) -> tuple[list[np.ndarray], int]:
         """The library's `filter_conditional_boundary` over all contour points at once: the same boundaries
         (runs of contour points next to `condition`, each pixel taken once) and the same count of regions
-        of `mask` with no such point."""
+        of `mask` with no such point. `hierarchy`: findContours' RETR_TREE hierarchy of `contours`, when
+        known (the regions are then read from it instead of labelling the whole mask again)."""
         condition = condition.view(np.uint8) if condition.dtype == bool else condition.astype(np.uint8)
         condition = cv2.dilate(condition, self.morphology_kernel)
-        regions, labels = cv2.connectedComponents(np.ascontiguousarray(mask).view(np.uint8), connectivity=8)
-        if not contours:
-            return [], regions - 1
+        if hierarchy is None or not contours:
+            regions, labels = cv2.connectedComponents(np.ascontiguousarray(mask).view(np.uint8), connectivity=8)
+            if not contours:
+                return [], regions - 1
         points = np.concatenate([c.reshape(-1, 2) for c in contours])
         rows, cols = points[:, 1], points[:, 0]
         # A point is taken when it touches the condition and no earlier point took its pixel.
@@ -159,8 +171,24 @@ class HumanCorrectionEffort(HumanCorrectionEffortMeasure):
                     del runs[0]
             boundaries.extend(runs)
             i = j
-        touched = np.unique(labels[rows[taken], cols[taken]])
-        return boundaries, regions - 1 - touched.size
+        if hierarchy is None:
+            touched = np.unique(labels[rows[taken], cols[taken]])
+            return boundaries, regions - 1 - touched.size
+        region, count = contour_regions(hierarchy)
+        return boundaries, count - np.unique(region[owner[taken]]).size
+
+
+def contour_regions(hierarchy: np.ndarray) -> tuple[np.ndarray, int]:
+    """For each contour of a RETR_TREE hierarchy, the region it bounds (the index of that 8-connected region's
+    outer border: itself, or a hole's parent), and the number of regions (outer borders: even depth).
+    Suzuki-Abe border following gives each 8-connected region one outer border, as connectedComponents counts."""
+    parent = hierarchy.reshape(-1, 4)[:, 3]
+    depth, above = np.zeros(parent.size, dtype=np.intp), parent.copy()
+    while (above >= 0).any():
+        depth += above >= 0
+        above = np.where(above >= 0, parent[above], -1)
+    outer = depth % 2 == 0
+    return np.where(outer, np.arange(parent.size), parent), int(outer.sum())
 
 
 class DISMetrics:
@@ -212,7 +240,7 @@ class DISMetrics:
             raise ValueError(f"Shape mismatch between prediction ({pred.shape}) and ground truth ({gt.shape})")
         gt_bin = gt > BINARY_THRESHOLD
         levels = normalised_levels(pred)
-        pred_norm = levels[pred]
+        pred_norm = level_values(levels, pred)
         inside, outside = level_counts(pred, gt_bin)
         threshold = adaptive_threshold(pred_norm)
         step_fmeasure(self.fmeasure, levels, inside, outside, threshold)
@@ -220,16 +248,16 @@ class DISMetrics:
         # Each metric's foreground and background values, taken from the 8-bit map (row-major, as the
         # library's boolean indexing of its float arrays orders them) and looked up per level.
         fg_levels, bg_levels = pred[gt_bin], pred[~gt_bin]
-        bg_values = levels[bg_levels]  # also E = |pred - 0| there
+        bg_values = level_values(levels, bg_levels)  # also E = |pred - 0| there
         self.smeasure.sms.append(s_measure(self.smeasure, pred_norm, gt_bin, sm or sm_ground(gt_bin),
-                                           levels[fg_levels], bg_values))
+                                           level_values(levels, fg_levels), bg_values))
         # The library's |pred - gt|, computed in the normalised map's own memory (it is not used again).
         error = np.abs(np.subtract(pred_norm, gt_bin, out=pred_norm), out=pred_norm)
         del pred_norm
         self.mae.maes.append(np.mean(error))
         if wf is None:
             wf = wf_ground(gt_bin)
-        fg_error = np.abs(levels - 1.0)[fg_levels]  # the library's |pred - gt| where gt is True
+        fg_error = level_values(np.abs(levels - 1.0), fg_levels)  # the library's |pred - gt| where gt is True
         self.wfmeasure.weighted_fms.append(
             weighted_fmeasure_of_error(error, gt_bin, wf, self.wfmeasure.beta, fg_error, bg_values))
         del error, bg_values

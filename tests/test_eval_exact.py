@@ -228,3 +228,18 @@ def test_both_convolutions_equal_scipy_on_every_tile() -> None:
         fast = (wf_ground._opencv_convolve,) if wf_ground.opencv_sums_as_scipy() else ()
         for convolve in (*fast, wf_ground._scipy_convolve):
             np.testing.assert_array_equal(convolve(values), full)
+
+
+def test_centroid_from_counts_equals_the_librarys_argwhere_mean() -> None:
+    """The S-measure's split point from row and column counts: the library's rounding, halves included."""
+    from utils.structure_measure import _centroid
+
+    rng = np.random.default_rng(9)
+    halves = np.zeros((6, 9), bool)
+    halves[1, 2] = halves[4, 7] = True  # centroid (2.5, 4.5): round half to even
+    masks = [halves, np.ones((5, 4), bool), *varied_masks(6)]
+    masks += [rng.random(tuple(rng.integers(1, 80, 2))) < rng.uniform(0.01, 0.99) for _ in range(300)]
+    for i, mask in enumerate(masks):
+        if mask.any():
+            want = np.argwhere(mask).mean(axis=0).round()
+            assert _centroid(mask, np.count_nonzero(mask)) == (want[0], want[1]), f"mask {i}"

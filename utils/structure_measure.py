@@ -32,13 +32,24 @@ def _quadrants(array: np.ndarray, split: tuple[int, int]) -> tuple[np.ndarray, .
     return array[0:cy, 0:cx], array[0:cy, cx:w], array[cy:h, 0:cx], array[cy:h, cx:w]
 
 
+def _centroid(gt: np.ndarray, count: int) -> tuple[np.float64, np.float64]:
+    """The library's `np.argwhere(gt).mean(axis=0).round()` from per-row and per-column counts: its float64 sums
+    of integer coordinates are exact (far below 2**53) in any order, so both are the exact integer sums / count."""
+    rows = np.count_nonzero(gt, axis=1).astype(np.int64)
+    cols = np.count_nonzero(gt, axis=0).astype(np.int64)
+    cy = np.float64(int(np.dot(np.arange(rows.size, dtype=np.int64), rows))) / np.float64(count)
+    cx = np.float64(int(np.dot(np.arange(cols.size, dtype=np.int64), cols))) / np.float64(count)
+    return np.round(cy), np.round(cx)
+
+
 def sm_ground(gt: np.ndarray) -> SMGround:
     """SMGround of a boolean GT, with `Smeasure.region`'s and `ssim`'s expressions."""
     h, w = gt.shape
-    if np.count_nonzero(gt) == 0:
+    count = np.count_nonzero(gt)
+    if count == 0:
         cy, cx = np.round(h / 2), np.round(w / 2)
     else:
-        cy, cx = np.argwhere(gt).mean(axis=0).round()
+        cy, cx = _centroid(gt, count)
     split = (int(cy) + 1, int(cx) + 1)
     means, variances = [], []
     for part in _quadrants(gt, split):

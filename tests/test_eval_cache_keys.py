@@ -183,3 +183,18 @@ def test_a_killed_runs_half_written_cache_entries_are_removed(tmp_path: Path, re
         orphan.write_text("half")
     evaluate(pred_root, gt_root, ["case"], cache_dir=cache, progress=False)
     assert not any(orphan.exists() for orphan in orphans)
+
+
+def test_cache_entries_a_power_cut_left_empty_are_recomputed(tmp_path: Path, reference_dir: Path) -> None:
+    """Cache entries are not flushed to disk before their rename (a flush per entry costs time for nothing): an
+    entry a power cut left empty is read as unusable, recomputed and rewritten, with the same numbers."""
+    gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS[:2]})
+    cache = tmp_path / "cache"
+    first = evaluate(pred_root, gt_root, ["case"], cache_dir=cache, progress=False, boundary=True)["case"].metrics
+    files = [path for path in cache.rglob("*") if path.is_file()]
+    assert entries(cache) == {"skeleton": 2, "gt": 6, "results": 2}
+    for path in files:
+        path.write_bytes(b"")
+    again = evaluate(pred_root, gt_root, ["case"], cache_dir=cache, progress=False, boundary=True)["case"].metrics
+    assert again == first
+    assert all(path.stat().st_size > 0 for path in files)

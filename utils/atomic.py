@@ -21,8 +21,12 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    `durable=False` skips the flush to disk before the rename: for cache entries, which a power cut may leave
+    empty and whose readers then recompute them, a flush per entry is time for nothing.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The writer's pid in the name lets a later run tell an orphan from a file another live run is writing.
@@ -33,8 +37,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_UMASK)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

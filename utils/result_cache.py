@@ -72,5 +72,5 @@ def store_result(cache_dir: Path, key: str, state: dict[str, list], pred_size: t
     entry = {"state": {name: [_plain(v) for v in values] for name, values in state.items()},
              "pred_size": None if pred_size is None else list(pred_size), "pred_mode": pred_mode,
              "alpha_map": alpha_map}
-    with atomic_path(result_path(cache_dir, key)) as tmp:
+    with atomic_path(result_path(cache_dir, key), durable=False) as tmp:
         tmp.write_text(json.dumps(entry))

@@ -26,6 +26,8 @@ _LUT = np.array([
     2, 3, 1, 3, 0, 0, 1, 3, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
     2, 3, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 3, 3, 0, 1, 0, 0, 0, 0, 2, 2, 0, 0, 2, 0, 0, 0,
 ], dtype=np.uint8)
+# Whether a neighbourhood code is removed by the first (index 0) or the second (index 1) kind of sub-pass.
+_REMOVED = ((_LUT == 1) | (_LUT == 3), (_LUT == 2) | (_LUT == 3))
 # (row, column) offsets of the 8 neighbours, in the bit order of skimage's neighbourhood code.
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))
 
@@ -53,25 +55,21 @@ def skeletonize(mask: np.ndarray) -> np.ndarray:
     flat = padded.reshape(-1)
     stride = w + 2
     offsets = np.array([dr * stride + dc for dr, dc in _NEIGHBOURS], dtype=np.intp)
-    around = np.concatenate([offsets, [0]])
     stamp = np.empty(flat.size, dtype=np.int64)
-    # A sub-pass re-checks the pixels around those removed by the two sub-passes before it: any other
-    # pixel was checked by the last sub-pass of its kind with the neighbourhood it still has. A pixel
+    # A sub-pass re-checks the foreground pixels around those removed by the two sub-passes before it: any
+    # other pixel was checked by the last sub-pass of its kind with the neighbourhood it still has. A pixel
     # whose 8 neighbours are all foreground (code 255) is kept by both kinds, so the first two sub-passes
-    # start from the foreground's border pixels instead of every foreground pixel.
+    # start from the foreground's border pixels instead of every foreground pixel. The neighbours of each
+    # sub-pass's removals are listed once and serve the two sub-passes after it.
     candidates = np.flatnonzero(padded > cv2.erode(padded, np.ones((3, 3), np.uint8)))
-    recent = [candidates[:0], candidates[:0]]
+    before = candidates  # the first second-kind sub-pass also checks every border pixel still there
     for step in itertools.count():
-        lut = _LUT[_codes(flat, candidates, offsets)]
-        removed = candidates[(lut == 3) | (lut == 1 + step % 2)]
+        removed = candidates[_REMOVED[step % 2][_codes(flat, candidates, offsets)]]
         flat[removed] = 0  # all decisions above were taken on the state before this sub-pass
-        recent = [recent[1], removed]
-        if step == 0:  # the first second-kind sub-pass: every border pixel, and those the first one exposed
-            near = (removed[:, None] + around).reshape(-1)
-            candidates = _unique(np.concatenate([candidates[flat[candidates] != 0], near[flat[near] != 0]]), stamp)
-            continue
-        near = (np.concatenate(recent)[:, None] + around).reshape(-1)
-        candidates = _unique(near[flat[near] != 0], stamp)
+        near = (removed[:, None] + offsets).reshape(-1)
+        near = _unique(near[flat[near] != 0], stamp)
+        candidates = _unique(np.concatenate([before[flat[before] != 0], near]), stamp)
+        before = near
         if candidates.size == 0:
             break
     return padded[1:-1, 1:-1].astype(bool)

@@ -176,3 +176,31 @@ def test_write_png_is_atomic_when_encoding_fails(tmp_path: Path, monkeypatch: py
 def test_image_size_is_width_height(tmp_path: Path) -> None:
     Image.new("RGB", (37, 11)).save(tmp_path / "wide.bmp")
     assert image_size(tmp_path / "wide.bmp") == (37, 11)
+
+
+def test_plain_gray_pngs_from_bytes_decode_as_pil_does(tmp_path: Path) -> None:
+    """eval reads maps from their bytes: 8-bit gray PNGs go through OpenCV (faster), every other kind through PIL,
+    and both give PIL's pixels; a cut or damaged gray PNG is still one error naming the file."""
+    rng = np.random.default_rng(0)
+    cases = {f"gray{i}": (rng.integers(0, 256, size, dtype=np.uint8), {})
+             for i, size in enumerate([(1, 1), (7, 13), (64, 33), (300, 201)])}
+    gray = cases["gray2"][0]
+    cases["with_trns"] = (gray, {"transparency": 7})
+    cases["four_bit"] = (gray // 17, {"bits": 4})
+    cases["sixteen_bit"] = (gray.astype(np.uint16) * 257, {})
+    for name, (array, options) in cases.items():
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(array).save(path, **options)
+        data = path.read_bytes()
+        with Image.open(path) as im:
+            want = np.asarray(im.convert("L") if im.mode == "L" else read_mask(path))
+            fast = imageio._plain_gray_png(data, im)
+        assert (fast is not None) == name.startswith("gray"), name
+        got = read_mask(path, data=data)
+        assert got.info["source_mode"] == Image.open(path).mode and np.array_equal(np.asarray(got), want), name
+    cut = tmp_path / "cut.png"
+    data = (tmp_path / "gray3.png").read_bytes()
+    for broken in (data[: len(data) // 2], data[:-30] + bytes(30)):
+        cut.write_bytes(broken)
+        with pytest.raises(ImageReadError, match="cut.png"):
+            read_mask(cut, data=broken)

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +21,6 @@ from pipelines import inference
 from utils import cutout, export_cache, onnx_export, runtimes
 
 SIZE = 256  # infer_case's size: the one export serves the runner tests and the map comparison
-
-
-def run_test_py(*args: str | os.PathLike) -> subprocess.CompletedProcess:
-    """Run test.py with the venv's python, as a user would."""
-    return subprocess.run([sys.executable, str(ROOT / "test.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -81,12 +72,16 @@ def test_runner_refuses_an_export_for_another_size(exported: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("reuse_release_model")
 def test_openvino_maps_equal_torch_maps_on_infer_case(reference_dir: Path, release_checkpoint: Path, exported: Path,
-                                                      onnx_cache: Path, tmp_path: Path) -> None:
+                                                      onnx_cache: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    from tests.test_inference import run_test_py
+
     images = reference_dir / "infer_case" / "im"
     common = ("--pth_path", release_checkpoint, "--input", images, "--testsize", str(SIZE), "--device", "cpu")
-    torch_run = run_test_py(*common, "--save_root", tmp_path / "torch", "--runtime", "torch")
-    ov_run = run_test_py(*common, "--save_root", tmp_path / "openvino", "--runtime", "openvino",
+    torch_run = run_test_py(capsys, *common, "--save_root", tmp_path / "torch", "--runtime", "torch")
+    ov_run = run_test_py(capsys, *common, "--save_root", tmp_path / "openvino", "--runtime", "openvino",
                          "--cache_dir", onnx_cache)
     assert torch_run.returncode == 0, torch_run.stderr
     assert ov_run.returncode == 0, ov_run.stderr
@@ -194,6 +189,7 @@ def test_explicit_runtime_refusals_and_auto_fallback(release_checkpoint: Path, t
     assert runtimes.choose_runtime("auto", torch.device("cuda")) == "torch"
 
 
+@pytest.mark.usefixtures("reuse_release_model")
 def test_test_py_auto_falls_back_and_explicit_exits_2(release_checkpoint: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture,

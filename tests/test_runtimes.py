@@ -35,6 +35,18 @@ def exported(release_export) -> Path:
     return release_export(SIZE)
 
 
+@pytest.fixture(scope="module")
+def ort_runner(exported: Path) -> runtimes.OnnxRuntimeRunner:
+    """An onnxruntime session of `exported`, made once for the module's tests that only run it."""
+    return runtimes.OnnxRuntimeRunner(exported, SIZE)
+
+
+@pytest.fixture(scope="module")
+def ov_runner(exported: Path, onnx_cache: Path) -> runtimes.OpenVINORunner:
+    """`exported` compiled by OpenVINO in f32 (test.py's compile cache), once for the module's tests that run it."""
+    return runtimes.OpenVINORunner(exported, SIZE, "f32", onnx_cache / "openvino")
+
+
 def test_export_on_a_torch_that_cannot_is_refused_before_tracing(release_checkpoint: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     assert onnx_export.export_supported("2.6.0") and onnx_export.export_supported("2.14.1+cu130")
@@ -48,12 +60,11 @@ def test_export_on_a_torch_that_cannot_is_refused_before_tracing(release_checkpo
 
 @pytest.mark.slow
 def test_export_matches_torch_under_onnxruntime_and_openvino(exported: Path, release_model: torch.nn.Module,
-                                                             onnx_cache: Path) -> None:
+                                                             onnx_cache: Path, ort_runner: runtimes.OnnxRuntimeRunner,
+                                                             ov_runner: runtimes.OpenVINORunner) -> None:
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = release_model.predict(x)
-    ort_runner = runtimes.OnnxRuntimeRunner(exported, SIZE)
-    ov_runner = runtimes.OpenVINORunner(exported, SIZE, "f32", onnx_cache / "openvino")
     for runner in (ort_runner, ov_runner):
         got = runner.predict(x)
         assert got.shape == expected.shape == (2, 1, SIZE, SIZE) and got.dtype == torch.float32
@@ -139,6 +150,7 @@ def small_ckpt(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_corrupt_entry_compiled_beside_its_check_is_exported_again(exported: Path, release_checkpoint: Path,
                                                                     onnx_cache: Path, tmp_path: Path,
+                                                                    ort_runner: runtimes.OnnxRuntimeRunner,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "cache"
     shutil.copytree(onnx_cache / "onnx", root / "onnx")
@@ -157,17 +169,17 @@ def test_corrupt_entry_compiled_beside_its_check_is_exported_again(exported: Pat
     runner = runtimes.load_runner("onnxruntime", export_cache.ExportSpec(release_checkpoint, SIZE), None, root)
     assert len(exports) == 1 and entry.read_bytes() == exported.read_bytes()
     x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
-    sound = runtimes.OnnxRuntimeRunner(exported, SIZE).predict(x)
+    sound = ort_runner.predict(x)
     assert torch.equal(runner.predict(x), sound)
 
 
 @pytest.mark.slow
-def test_runtime_fault_after_compiling_is_one_line_and_exit_1(exported: Path, onnx_cache: Path) -> None:
+def test_runtime_fault_after_compiling_is_one_line_and_exit_1(exported: Path, ov_runner: runtimes.OpenVINORunner,
+                                                              ort_runner: runtimes.OnnxRuntimeRunner) -> None:
     from utils.errors import EXIT_FAILED
 
     wrong = torch.zeros(1, 3, SIZE // 2, SIZE // 2)  # not the compiled size: the runtime fails while running
-    for runner in (runtimes.OpenVINORunner(exported, SIZE, "f32", onnx_cache / "openvino"),
-                   runtimes.OnnxRuntimeRunner(exported, SIZE)):
+    for runner in (ov_runner, ort_runner):
         with pytest.raises(runtimes.RuntimeFault) as fault:
             runner.predict(wrong)
         message = str(fault.value)

@@ -221,6 +221,7 @@ def test_broken_links_are_listed_and_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("reuse_release_model")
 def test_broken_links_make_test_py_exit_1(release_checkpoint: Path, tmp_path: Path, capsys) -> None:
     photos, out = tmp_path / "photos", tmp_path / "maps"
     photos.mkdir()

@@ -5,19 +5,25 @@ Expensive set-up is made once per session and shared, never repeated per module:
   FSANet weights on disk and only reads them; `release_model`: it loaded as test.py loads it, to predict with;
   `release_weights_model()`: a fresh, changeable FSANet with those weights (a copy, not a rebuild);
 - `onnx_cache` and `release_export(size)`: test.py's default export cache and the release checkpoint's ONNX
-  export at a size, made at most once per size (about 45 s each), reused by test.py subprocesses;
+  export at a size, made at most once per size (about 45 s each) by export.py's own run (`export_script_run`,
+  which export.py's tests read), reused by test.py subprocesses;
 - `session_dir`: the one folder those live in; it is removed when the session ends.
 Tests that are not about the runtimes run test.py with `--runtime torch` (no export).
 Mark `slow` every test that runs a script as a subprocess, exports to ONNX or trains (`make test-fast`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
+import io
+import logging
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -132,15 +138,114 @@ def onnx_cache(private_cache_home: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def release_export(release_checkpoint: Path, onnx_cache: Path) -> Callable[[int], Path]:
+def release_export(release_checkpoint: Path, onnx_cache: Path,
+                   export_script_run: Callable[[int], ExportRun]) -> Callable[[int], Path]:
     """`release_export(size)`: the verified ONNX export of `release_checkpoint` at `size`, made once per size.
+
+    The session's one export per size is export.py's own run (`export_script_run`); the cache entry holds that
+    file's graph and weights in one file, as the cache's exporter writes it. Skips the test where this torch
+    cannot export. Mark tests that use it `slow`.
+    """
+    import onnx
+
+    from utils import export_cache
+
+    def export(size: int) -> Path:
+        run = export_script_run(size)
+        assert run.code == 0, run.err
+
+        def from_script(spec: export_cache.ExportSpec, weights: bytes, path: Path) -> float:
+            onnx.save(onnx.load(str(run.path)), str(path))  # the external weights loaded back into the file
+            return 0.0
+        cache = export_cache.ExportCache(onnx_cache, exporter=from_script)
+        return cache.get(export_cache.ExportSpec(release_checkpoint, size))
+    return export
+
+
+# ---- branch inffast: one export.py run per size serves export.py's tests and the session's export cache ----
+
+@dataclass(frozen=True)
+class ExportRun:
+    """What export.py's main did: exit status, stdout, stderr and the ONNX file it was asked to write."""
+
+    code: int
+    out: str
+    err: str
+    path: Path
+
+
+@pytest.fixture(scope="session")
+def export_script_run(release_checkpoint: Path, session_dir: Path) -> Callable[[int], ExportRun]:
+    """`export_script_run(size)`: export.py (its main, in this process) on `release_checkpoint` at `size` with
+    the default flags, run once per size (about half a minute: the trace and the onnxruntime check).
 
     Skips the test where this torch cannot export. Mark tests that use it `slow`.
     """
-    from utils import export_cache, onnx_export
+    import export as export_script
+    from utils import onnx_export
 
-    def export(size: int) -> Path:
+    runs: dict[int, ExportRun] = {}
+
+    def run(size: int) -> ExportRun:
         if not onnx_export.export_supported():
             pytest.skip(f"ONNX export needs torch >= {onnx_export.MIN_EXPORT_TORCH}, this is {torch.__version__}")
-        return export_cache.ExportCache(onnx_cache).get(export_cache.ExportSpec(release_checkpoint, size))
-    return export
+        if size not in runs:
+            path = session_dir / f"export_py_{size}" / "fsanet.onnx"
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = export_script.main(["--pth_path", str(release_checkpoint), "--testsize", str(size),
+                                           "--output", str(path)])
+            runs[size] = ExportRun(code, out.getvalue(), err.getvalue(), path)
+        return runs[size]
+    return run
+
+
+@contextlib.contextmanager
+def script_logging() -> Iterator[None]:
+    """Run a script's main() in this process with its logging as in its own process: pytest's handlers on the
+    root logger make the script's logging.basicConfig a no-op, so they are set aside (and put back after) and its
+    log lines reach sys.stderr (capsys's) as a user sees them."""
+    root = logging.getLogger()
+    kept, level = root.handlers[:], root.level
+    for handler in kept:
+        root.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        for handler in kept:
+            root.addHandler(handler)
+        root.setLevel(level)
+
+
+def run_script_main(capsys: pytest.CaptureFixture, main: Callable[[list[str]], int],
+                    argv: list[str]) -> subprocess.CompletedProcess:
+    """A script's main(argv) in this process, logging to stderr as its own process does (saves the interpreter
+    start-up where the process itself is not the subject): its exit status, stdout and stderr."""
+    capsys.readouterr()
+    with script_logging():
+        code = main(argv)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+
+@pytest.fixture
+def reuse_release_model(monkeypatch: pytest.MonkeyPatch, release_checkpoint: Path,
+                        release_model: torch.nn.Module) -> torch.nn.Module:
+    """test.py's model loading in this test hands back the session's `release_model` for the one call it is the
+    result of (load_model of `release_checkpoint`, resnet50, CPU, fp32), and loads every other call as before:
+    for tests of what test.py does with a model rather than how it loads one (saves seconds a run)."""
+    from pipelines import inference
+
+    real_load = inference.load_model
+
+    def load_model(pth_path: str | os.PathLike, freq_encoder: str, device: torch.device,
+                   amp: str = "none") -> torch.nn.Module:
+        if (Path(pth_path).resolve(), freq_encoder, torch.device(device), amp) == (
+                release_checkpoint.resolve(), "resnet50", torch.device("cpu"), "none"):
+            return release_model
+        return real_load(pth_path, freq_encoder, device, amp)
+
+    monkeypatch.setattr(inference, "load_model", load_model)
+    return release_model

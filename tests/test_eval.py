@@ -6,16 +6,16 @@ import json
 import logging
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import run_script_main
 from py_sod_metrics import HumanCorrectionEffortMeasure
 from skimage import morphology
 
+import eval as eval_script
 from pipelines.evaluation import DatasetResult, evaluate, summary_rows
 from utils.dis5k import TE_MEAN_ROW, TE_SUBSETS
 from utils.gt_cache import cached_skeleton, skeleton_cache_path
@@ -49,10 +49,10 @@ def make_layout(tmp_path: Path, reference_dir: Path, split: dict[str, list[str]]
     return gt_root, pred_root
 
 
-def run_eval(gt_root: Path, pred_root: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run eval.py with this interpreter (the venv's) and return the finished process."""
-    cmd = [sys.executable, str(ROOT / "eval.py"), "--gt_root", str(gt_root), "--pred_root", str(pred_root), *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_eval(capsys: pytest.CaptureFixture, gt_root: Path, pred_root: Path, *args: str) -> subprocess.CompletedProcess:
+    """eval.py's main() in this process, logging to stderr as its own process does (saves the interpreter
+    start-up): its exit status, stdout and stderr."""
+    return run_script_main(capsys, eval_script.main, ["--gt_root", str(gt_root), "--pred_root", str(pred_root), *args])
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -166,11 +166,13 @@ def test_skeleton_cache_reads_rewrites_and_survives_errors(tmp_path: Path, refer
 # ---------------------------------------------------------------- eval.py
 
 @pytest.mark.slow
-def test_eval_case_through_the_command_line(tmp_path: Path, reference_dir: Path, expected: dict) -> None:
+def test_eval_case_through_the_command_line(tmp_path: Path, reference_dir: Path, expected: dict,
+                                            capsys: pytest.CaptureFixture) -> None:
     """Two workers, JSON equal to expected.json; table, CSV, LaTeX, per-image CSV and plots agree with it."""
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS})
     out = tmp_path / "out"
-    proc = run_eval(gt_root, pred_root, "--datasets", "case", "--workers", "2", "--cache_dir", str(tmp_path / "c"),
+    proc = run_eval(capsys, gt_root, pred_root, "--datasets", "case", "--workers", "2",
+                    "--cache_dir", str(tmp_path / "c"),
                     "--metrics", "maxF", "wF", "MAE", "Sm", "meanEm", "HCE", "adpEm",
                     "--save_json", str(out / "m.json"), "--save_csv", str(out / "m.csv"),
                     "--save_latex", str(out / "m.tex"), "--per_image_csv", str(out / "img.csv"),
@@ -198,11 +200,12 @@ def test_eval_case_through_the_command_line(tmp_path: Path, reference_dir: Path,
 
 
 @pytest.mark.slow
-def test_te_row_through_the_command_line(tmp_path: Path, reference_dir: Path, expected: dict) -> None:
+def test_te_row_through_the_command_line(tmp_path: Path, reference_dir: Path, expected: dict,
+                                         capsys: pytest.CaptureFixture) -> None:
     """Subsets of 1, 2, 2 and 3 images: the DIS-TE (1-4) row is their mean, not the pooled value."""
     split = dict(zip(TE_SUBSETS, [STEMS[:1], STEMS[1:3], STEMS[3:5], STEMS[5:]]))
     gt_root, pred_root = make_layout(tmp_path, reference_dir, split)
-    proc = run_eval(gt_root, pred_root, "--datasets", *TE_SUBSETS, "--workers", "1", "--no_cache",
+    proc = run_eval(capsys, gt_root, pred_root, "--datasets", *TE_SUBSETS, "--workers", "1", "--no_cache",
                     "--save_json", str(tmp_path / "m.json"), "--plot_dir", str(tmp_path / "plots"))
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "plots").glob("*.png"))) == 2 * len(TE_SUBSETS)  # no curves for the mean row
@@ -217,17 +220,17 @@ def test_te_row_through_the_command_line(tmp_path: Path, reference_dir: Path, ex
 
 
 @pytest.mark.slow
-def test_missing_predictions_are_listed(tmp_path: Path, reference_dir: Path) -> None:
+def test_missing_predictions_are_listed(tmp_path: Path, reference_dir: Path, capsys: pytest.CaptureFixture) -> None:
     """Missing maps stop the evaluation with one line naming each of them."""
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS[:4]})
     (pred_root / "case" / "case_001.png").unlink()
     (pred_root / "case" / "case_003.png").unlink()
-    proc = run_eval(gt_root, pred_root, "--datasets", "case", "--no_cache")
+    proc = run_eval(capsys, gt_root, pred_root, "--datasets", "case", "--no_cache")
     assert_user_error(proc, "2 of 4 predictions missing", "case_001.png", "case_003.png")
 
 
 @pytest.mark.slow
-def test_resized_and_extra_predictions(tmp_path: Path, reference_dir: Path) -> None:
+def test_resized_and_extra_predictions(tmp_path: Path, reference_dir: Path, capsys: pytest.CaptureFixture) -> None:
     """A map of another size is resized bilinearly and warned about; a map without GT is only noted."""
     stems = STEMS[:3]
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": stems})
@@ -235,8 +238,8 @@ def test_resized_and_extra_predictions(tmp_path: Path, reference_dir: Path) -> N
     small = cv2.resize(cv2.imread(str(small_path), cv2.IMREAD_GRAYSCALE), (200, 150), interpolation=cv2.INTER_AREA)
     cv2.imwrite(str(small_path), small)
     shutil.copyfile(small_path, pred_root / "case" / "not_in_gt.png")
-    proc = run_eval(gt_root, pred_root, "--datasets", "case", "--no_cache", "--save_json", str(tmp_path / "m.json"),
-                    "--per_image_csv", str(tmp_path / "img.csv"))
+    proc = run_eval(capsys, gt_root, pred_root, "--datasets", "case", "--no_cache",
+                    "--save_json", str(tmp_path / "m.json"), "--per_image_csv", str(tmp_path / "img.csv"))
     assert proc.returncode == 0, proc.stderr
     assert "1 prediction(s) differ in size" in proc.stderr and "case_001.png (200x150)" in proc.stderr
     assert "ignoring 1 file(s)" in proc.stderr and "not_in_gt.png" in proc.stderr
@@ -254,30 +257,31 @@ def test_resized_and_extra_predictions(tmp_path: Path, reference_dir: Path) -> N
 
 
 @pytest.mark.slow
-def test_unreadable_files_are_named(tmp_path: Path, reference_dir: Path) -> None:
+def test_unreadable_files_are_named(tmp_path: Path, reference_dir: Path, capsys: pytest.CaptureFixture) -> None:
     """A prediction that is not an image fails the run with a line naming it."""
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS[:2]})
     bad = pred_root / "case" / "case_000.png"
     bad.write_bytes(b"this is not a png")
-    proc = run_eval(gt_root, pred_root, "--datasets", "case", "--no_cache")
+    proc = run_eval(capsys, gt_root, pred_root, "--datasets", "case", "--no_cache")
     assert_user_error(proc, "1 unreadable image(s)", str(bad))
 
 
 @pytest.mark.slow
-def test_missing_dataset_folder_is_one_error_line(tmp_path: Path, reference_dir: Path) -> None:
+def test_missing_dataset_folder_is_one_error_line(tmp_path: Path, reference_dir: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
     """A dataset that is not under --gt_root is reported before anything is evaluated."""
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS[:1]})
-    proc = run_eval(gt_root, pred_root, "--datasets", "case", "DIS-TE9", "--no_cache")
+    proc = run_eval(capsys, gt_root, pred_root, "--datasets", "case", "DIS-TE9", "--no_cache")
     assert_user_error(proc, "dataset folder not found", str(gt_root / "DIS-TE9"))
 
 
 @pytest.mark.slow
-def test_changed_gt_gets_a_new_skeleton(tmp_path: Path, reference_dir: Path) -> None:
+def test_changed_gt_gets_a_new_skeleton(tmp_path: Path, reference_dir: Path, capsys: pytest.CaptureFixture) -> None:
     """The cache is keyed by GT content: an edited GT is re-skeletonised, never served the old skeleton."""
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": ["case_001", "case_004"]})
     cache = tmp_path / "cache"
     args = ["--datasets", "case", "--workers", "1", "--cache_dir", str(cache), "--save_json"]
-    first = run_eval(gt_root, pred_root, *args, str(tmp_path / "a.json"))
+    first = run_eval(capsys, gt_root, pred_root, *args, str(tmp_path / "a.json"))
     assert first.returncode == 0, first.stderr
     assert len(list(cache.glob("*.png"))) == 2
 
@@ -285,7 +289,7 @@ def test_changed_gt_gets_a_new_skeleton(tmp_path: Path, reference_dir: Path) -> 
     gt = cv2.imread(str(gt_path), cv2.IMREAD_GRAYSCALE)
     gt[:, : gt.shape[1] // 2] = 0
     cv2.imwrite(str(gt_path), gt)
-    second = run_eval(gt_root, pred_root, *args, str(tmp_path / "b.json"))
+    second = run_eval(capsys, gt_root, pred_root, *args, str(tmp_path / "b.json"))
     assert second.returncode == 0, second.stderr
     assert len(list(cache.glob("*.png"))) == 3
 

@@ -132,12 +132,13 @@ def test_marks_follow_the_metric_direction() -> None:
 # ---------------------------------------------------------------- eval.py
 
 @pytest.mark.slow
-def test_two_methods_equal_two_single_runs(tmp_path: Path, reference_dir: Path, expected_boundary: dict) -> None:
+def test_two_methods_equal_two_single_runs(tmp_path: Path, reference_dir: Path, expected_boundary: dict,
+                                           capsys: pytest.CaptureFixture) -> None:
     """Per method the numbers of its own run; one table per dataset, method columns, shared figures."""
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS, "half": STEMS[:4]})
     blurred = blurred_method(tmp_path, gt_root, "case", STEMS)  # no "half" folder: left out there
     out = tmp_path / "out"
-    proc = run_eval(gt_root, str(pred_root), f"Blur={blurred}", "--datasets", "case", "half", "--workers", "2",
+    proc = run_eval(capsys, gt_root, str(pred_root), f"Blur={blurred}", "--datasets", "case", "half", "--workers", "2",
                     "--cache_dir", str(tmp_path / "cache"), "--metrics", "maxF", "MAE", "HCE", *BOUNDARY_METRICS,
                     "--save_json", str(out / "m.json"), "--save_csv", str(out / "m.csv"),
                     "--save_latex", str(out / "m.tex"), "--per_image_csv", str(out / "img.csv"),
@@ -193,17 +194,17 @@ def test_results_cache_hits_and_invalidation(tmp_path: Path, reference_dir: Path
 
 
 @pytest.mark.slow
-def test_comparison_bad_input(tmp_path: Path, reference_dir: Path) -> None:
+def test_comparison_bad_input(tmp_path: Path, reference_dir: Path, capsys: pytest.CaptureFixture) -> None:
     """Same folder name twice: exit 2 naming both; different image sets: each on what it has, missing listed."""
     gt_root, pred_root = make_layout(tmp_path, reference_dir, {"case": STEMS[:3]})
     twin = tmp_path / "other" / pred_root.name
     shutil.copytree(pred_root, twin)
-    proc = run_eval(gt_root, str(pred_root), str(twin), "--datasets", "case", "--no_cache")
+    proc = run_eval(capsys, gt_root, str(pred_root), str(twin), "--datasets", "case", "--no_cache")
     assert proc.returncode == 2
     assert_user_error(proc, str(pred_root), str(twin), "NAME=DIR")
 
     (twin / "case" / "case_001.png").unlink()
-    proc = run_eval(gt_root, str(pred_root), f"Twin={twin}", "--datasets", "case", "--no_cache",
+    proc = run_eval(capsys, gt_root, str(pred_root), f"Twin={twin}", "--datasets", "case", "--no_cache",
                     "--save_json", str(tmp_path / "m.json"))
     assert proc.returncode == 0, proc.stderr
     assert "Twin, case: 1 of 3 predictions missing" in proc.stderr and "case_001.png" in proc.stderr

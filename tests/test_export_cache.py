@@ -425,6 +425,7 @@ def test_a_full_disk_everywhere_is_one_runtime_unavailable(small_ckpt: Path, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("reuse_release_model")
 def test_test_py_on_a_full_cache_disk_writes_the_maps_with_one_warning(release_checkpoint: Path, tmp_path: Path,
                                                                        private_tmp: Path,
                                                                        monkeypatch: pytest.MonkeyPatch,

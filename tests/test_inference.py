@@ -5,14 +5,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_script_main
 from PIL import Image, ImageOps
 
 from pipelines import inference
@@ -20,12 +19,12 @@ from pipelines import inference
 SMALL = "64"  # test size for everything except the release comparison, which is pinned at 256
 
 
-def run_test_py(*args: str | os.PathLike) -> subprocess.CompletedProcess:
-    """Run test.py with the venv's python, as a user would (PyTorch runtime unless `--runtime` is given)."""
+def run_test_py(capsys: pytest.CaptureFixture, *args: str | os.PathLike) -> subprocess.CompletedProcess:
+    """test.py's main() in this process, logging to stderr as its own process does (saves the interpreter
+    start-up; the PyTorch runtime unless `--runtime` is given): its exit status, stdout and stderr."""
     # `auto` would export every test's fresh checkpoint to ONNX first; tests/test_runtimes.py covers that.
     runtime = () if "--runtime" in map(str, args) else ("--runtime", "torch")
-    return subprocess.run([sys.executable, str(ROOT / "test.py"), *map(str, args), *runtime], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return run_script_main(capsys, load_test_script().main, [*map(str, args), *runtime])
 
 
 def read_map(path: Path) -> np.ndarray:
@@ -46,10 +45,11 @@ def scene(width: int, height: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_infer_case_matches_release_maps(reference_dir: Path, release_checkpoint: Path, tmp_path: Path) -> None:
+def test_infer_case_matches_release_maps(reference_dir: Path, release_checkpoint: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
     case = reference_dir / "infer_case"
     # Batch 2 puts the landscape and the portrait image in one forward: each map is upsampled to its own size.
-    result = run_test_py("--pth_path", release_checkpoint, "--input", case / "im", "--save_root", tmp_path,
+    result = run_test_py(capsys, "--pth_path", release_checkpoint, "--input", case / "im", "--save_root", tmp_path,
                          "--testsize", "256", "--batch_size", "2", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     expected = sorted((case / "expected_256").glob("*.png"))
@@ -94,10 +94,11 @@ def write_real_world_images(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.slow
-def test_input_folder_of_every_kind(release_checkpoint: Path, tmp_path: Path) -> None:
+@pytest.mark.usefixtures("reuse_release_model")
+def test_input_folder_of_every_kind(release_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     sizes = write_real_world_images(tmp_path / "photos")
     out = tmp_path / "maps"
-    result = run_test_py("--pth_path", release_checkpoint, "--input", tmp_path / "photos", "--save_root", out,
+    result = run_test_py(capsys, "--pth_path", release_checkpoint, "--input", tmp_path / "photos", "--save_root", out,
                          "--testsize", SMALL, "--batch_size", "3", "--num_workers", "2")
     assert result.returncode == 1, result.stderr
     for bad in ("broken.jpg", "truncated.png"):
@@ -117,7 +118,8 @@ def test_input_folder_of_every_kind(release_checkpoint: Path, tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_dis5k_layouts_are_discovered(release_checkpoint: Path, tmp_path: Path) -> None:
+@pytest.mark.usefixtures("reuse_release_model")
+def test_dis5k_layouts_are_discovered(release_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = tmp_path / "DIS5K"
     (root / "DIS-VD" / "im").mkdir(parents=True)
     (root / "DIS-VD" / "gt").mkdir()
@@ -126,8 +128,8 @@ def test_dis5k_layouts_are_discovered(release_checkpoint: Path, tmp_path: Path) 
     Image.fromarray(scene(45, 60, seed=1)).save(root / "DIS-VD" / "im" / "b.jpg")
     Image.fromarray(scene(50, 40, seed=2)).save(root / "DIS-TE1" / "Imgs" / "c.png")
     out = tmp_path / "results"
-    result = run_test_py("--pth_path", release_checkpoint, "--data_root", root, "--datasets", "DIS-VD", "DIS-TE1",
-                         "--save_root", out, "--testsize", SMALL)
+    result = run_test_py(capsys, "--pth_path", release_checkpoint, "--data_root", root, "--datasets", "DIS-VD",
+                         "DIS-TE1", "--save_root", out, "--testsize", SMALL)
     assert result.returncode == 0, result.stderr
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
         "DIS-TE1", "DIS-TE1/c.png", "DIS-VD", "DIS-VD/a.png", "DIS-VD/b.png"]
@@ -136,7 +138,9 @@ def test_dis5k_layouts_are_discovered(release_checkpoint: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_skip_existing_leaves_existing_maps_alone(release_checkpoint: Path, tmp_path: Path) -> None:
+@pytest.mark.usefixtures("reuse_release_model")
+def test_skip_existing_leaves_existing_maps_alone(release_checkpoint: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
     photos, out = tmp_path / "photos", tmp_path / "maps"
     photos.mkdir()
     out.mkdir()
@@ -146,7 +150,7 @@ def test_skip_existing_leaves_existing_maps_alone(release_checkpoint: Path, tmp_
     Image.fromarray(np.full((40, 48), 7, np.uint8)).save(done)
     os.utime(done, ns=(1_000_000_000, 1_000_000_000))
     before = done.read_bytes()
-    result = run_test_py("--pth_path", release_checkpoint, "--input", photos, "--save_root", out,
+    result = run_test_py(capsys, "--pth_path", release_checkpoint, "--input", photos, "--save_root", out,
                          "--testsize", SMALL, "--skip_existing")
     assert result.returncode == 0, result.stderr
     assert done.read_bytes() == before and done.stat().st_mtime_ns == 1_000_000_000
@@ -187,9 +191,9 @@ def one_photo(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_missing_checkpoint_is_one_error_line(one_photo: Path, tmp_path: Path) -> None:
+def test_missing_checkpoint_is_one_error_line(one_photo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "nope" / "FSANet-100.pth"
-    result = run_test_py("--pth_path", missing, "--input", one_photo, "--save_root", tmp_path / "out")
+    result = run_test_py(capsys, "--pth_path", missing, "--input", one_photo, "--save_root", tmp_path / "out")
     assert_one_error_line(result.returncode, result.stderr, str(missing))
 
 
@@ -335,7 +339,9 @@ def test_every_save_mode_follows_exif_orientation(release_model: torch.nn.Module
 
 
 @pytest.mark.slow
-def test_background_flag_and_no_refine_foreground(release_checkpoint: Path, one_photo: Path, tmp_path: Path) -> None:
+@pytest.mark.usefixtures("reuse_release_model")
+def test_background_flag_and_no_refine_foreground(release_checkpoint: Path, one_photo: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
     """test.py --background IMAGE (any size: resized to the photo's) with --no_refine_foreground: the photo's own
     RGB over the image, blended by the map in sRGB; rgba by default estimates the foreground colours."""
     backdrop = scene(30, 90, seed=9)
@@ -343,7 +349,7 @@ def test_background_flag_and_no_refine_foreground(release_checkpoint: Path, one_
     common = ("--pth_path", release_checkpoint, "--input", one_photo, "--testsize", SMALL)
     for extra, out in (((), "map"), (("--background", tmp_path / "bg.png", "--no_refine_foreground"), "bg"),
                        (("--save_mode", "rgba"), "rgba")):
-        result = run_test_py(*common, "--save_root", tmp_path / out, *extra)
+        result = run_test_py(capsys, *common, "--save_root", tmp_path / out, *extra)
         assert result.returncode == 0, result.stderr
     photo = np.asarray(Image.open(one_photo / "x.jpg").convert("RGB")).astype(np.float32)
     prediction = read_map(tmp_path / "map" / "x.png")

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_inference import load_test_script
 
 import train
 from lib import FSANet
@@ -29,6 +31,16 @@ def model() -> FSANet:
     """The released architecture with random weights and the release's radius 100, in eval mode."""
     torch.manual_seed(0)
     return FSANet().eval()
+
+
+@pytest.fixture(scope="module")
+def release_radius_checkpoint(model: FSANet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`model` (the release's radius 100) saved once as a checkpoint for the module's test.py runs (440 MB: removed
+    after them)."""
+    path = tmp_path_factory.mktemp("radius") / "release_radius.pth"
+    torch.save({"model": model.state_dict()}, path)
+    yield path
+    path.unlink()
 
 
 def test_kept_share_of_the_spectrum():
@@ -106,36 +118,24 @@ def test_test_py_takes_the_radius_from_the_checkpoint_and_warns(model, tmp_path,
 
 
 @pytest.mark.parametrize("runtime", ["torch", "auto"])
-def test_test_py_run_warns_about_a_release_radius_at_128(runtime, model, tmp_path, caplog, monkeypatch):
+def test_test_py_run_warns_about_a_release_radius_at_128(runtime, release_radius_checkpoint, tmp_path, caplog,
+                                                         monkeypatch):
     """Once, whichever runtime runs: torch reads the radius from the loaded model, the exported runtimes from the
     checkpoint file (here `auto` finds no exported runtime and falls back to PyTorch: no ONNX export, no second
     warning; tests/test_runtimes.py runs the real export)."""
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(photos / "a.png")
-    torch.save({"model": model.state_dict()}, tmp_path / "release_radius.pth")
     script = load_test_script()
 
     def unavailable(*args, **kwargs):
         raise RuntimeUnavailable("--runtime openvino: the openvino package is not installed")
     monkeypatch.setattr(inference, "load_runner", unavailable)
     with caplog.at_level(logging.WARNING):
-        code = script.main(["--pth_path", str(tmp_path / "release_radius.pth"), "--input", str(photos),
+        code = script.main(["--pth_path", str(release_radius_checkpoint), "--input", str(photos),
                             "--save_root", str(tmp_path / "maps"), "--testsize", "128", "--device", "cpu",
                             "--runtime", runtime])
-    (tmp_path / "release_radius.pth").unlink()  # 440 MB
     assert code == 0 and (tmp_path / "maps" / "a.png").is_file()
     assert sum(BAND in r.getMessage() for r in caplog.records) == 1
     assert ("falling back to --runtime torch" in caplog.text) == (runtime == "auto")
 
-
-def load_test_script():
-    """test.py as a module (the standard library owns the name `test`)."""
-    import importlib.util
-
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("fsanet_test_script", Path(ROOT) / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

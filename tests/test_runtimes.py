@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +23,6 @@ from utils import cutout, export_cache, onnx_export, runtimes
 SIZE = 256  # infer_case's size: the one export serves the runner tests and the map comparison
 
 
-def run_test_py(*args: str | os.PathLike) -> subprocess.CompletedProcess:
-    """Run test.py with the venv's python, as a user would."""
-    return subprocess.run([sys.executable, str(ROOT / "test.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-
-
 def read_png(path: Path) -> np.ndarray:
     """A PNG as an array."""
     with Image.open(path) as im:
@@ -42,6 +33,18 @@ def read_png(path: Path) -> np.ndarray:
 def exported(release_export) -> Path:
     """The session's real ONNX export of the release checkpoint at SIZE (conftest's release_export)."""
     return release_export(SIZE)
+
+
+@pytest.fixture(scope="module")
+def ort_runner(exported: Path) -> runtimes.OnnxRuntimeRunner:
+    """An onnxruntime session of `exported`, made once for the module's tests that only run it."""
+    return runtimes.OnnxRuntimeRunner(exported, SIZE)
+
+
+@pytest.fixture(scope="module")
+def ov_runner(exported: Path, onnx_cache: Path) -> runtimes.OpenVINORunner:
+    """`exported` compiled by OpenVINO in f32 (test.py's compile cache), once for the module's tests that run it."""
+    return runtimes.OpenVINORunner(exported, SIZE, "f32", onnx_cache / "openvino")
 
 
 def test_export_on_a_torch_that_cannot_is_refused_before_tracing(release_checkpoint: Path, tmp_path: Path,
@@ -57,12 +60,11 @@ def test_export_on_a_torch_that_cannot_is_refused_before_tracing(release_checkpo
 
 @pytest.mark.slow
 def test_export_matches_torch_under_onnxruntime_and_openvino(exported: Path, release_model: torch.nn.Module,
-                                                             onnx_cache: Path) -> None:
+                                                             onnx_cache: Path, ort_runner: runtimes.OnnxRuntimeRunner,
+                                                             ov_runner: runtimes.OpenVINORunner) -> None:
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = release_model.predict(x)
-    ort_runner = runtimes.OnnxRuntimeRunner(exported, SIZE)
-    ov_runner = runtimes.OpenVINORunner(exported, SIZE, "f32", onnx_cache / "openvino")
     for runner in (ort_runner, ov_runner):
         got = runner.predict(x)
         assert got.shape == expected.shape == (2, 1, SIZE, SIZE) and got.dtype == torch.float32
@@ -81,12 +83,16 @@ def test_runner_refuses_an_export_for_another_size(exported: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("reuse_release_model")
 def test_openvino_maps_equal_torch_maps_on_infer_case(reference_dir: Path, release_checkpoint: Path, exported: Path,
-                                                      onnx_cache: Path, tmp_path: Path) -> None:
+                                                      onnx_cache: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    from tests.test_inference import run_test_py
+
     images = reference_dir / "infer_case" / "im"
     common = ("--pth_path", release_checkpoint, "--input", images, "--testsize", str(SIZE), "--device", "cpu")
-    torch_run = run_test_py(*common, "--save_root", tmp_path / "torch", "--runtime", "torch")
-    ov_run = run_test_py(*common, "--save_root", tmp_path / "openvino", "--runtime", "openvino",
+    torch_run = run_test_py(capsys, *common, "--save_root", tmp_path / "torch", "--runtime", "torch")
+    ov_run = run_test_py(capsys, *common, "--save_root", tmp_path / "openvino", "--runtime", "openvino",
                          "--cache_dir", onnx_cache)
     assert torch_run.returncode == 0, torch_run.stderr
     assert ov_run.returncode == 0, ov_run.stderr
@@ -144,6 +150,7 @@ def small_ckpt(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_corrupt_entry_compiled_beside_its_check_is_exported_again(exported: Path, release_checkpoint: Path,
                                                                     onnx_cache: Path, tmp_path: Path,
+                                                                    ort_runner: runtimes.OnnxRuntimeRunner,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "cache"
     shutil.copytree(onnx_cache / "onnx", root / "onnx")
@@ -162,17 +169,17 @@ def test_corrupt_entry_compiled_beside_its_check_is_exported_again(exported: Pat
     runner = runtimes.load_runner("onnxruntime", export_cache.ExportSpec(release_checkpoint, SIZE), None, root)
     assert len(exports) == 1 and entry.read_bytes() == exported.read_bytes()
     x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
-    sound = runtimes.OnnxRuntimeRunner(exported, SIZE).predict(x)
+    sound = ort_runner.predict(x)
     assert torch.equal(runner.predict(x), sound)
 
 
 @pytest.mark.slow
-def test_runtime_fault_after_compiling_is_one_line_and_exit_1(exported: Path, onnx_cache: Path) -> None:
+def test_runtime_fault_after_compiling_is_one_line_and_exit_1(exported: Path, ov_runner: runtimes.OpenVINORunner,
+                                                              ort_runner: runtimes.OnnxRuntimeRunner) -> None:
     from utils.errors import EXIT_FAILED
 
     wrong = torch.zeros(1, 3, SIZE // 2, SIZE // 2)  # not the compiled size: the runtime fails while running
-    for runner in (runtimes.OpenVINORunner(exported, SIZE, "f32", onnx_cache / "openvino"),
-                   runtimes.OnnxRuntimeRunner(exported, SIZE)):
+    for runner in (ov_runner, ort_runner):
         with pytest.raises(runtimes.RuntimeFault) as fault:
             runner.predict(wrong)
         message = str(fault.value)
@@ -194,6 +201,7 @@ def test_explicit_runtime_refusals_and_auto_fallback(release_checkpoint: Path, t
     assert runtimes.choose_runtime("auto", torch.device("cuda")) == "torch"
 
 
+@pytest.mark.usefixtures("reuse_release_model")
 def test_test_py_auto_falls_back_and_explicit_exits_2(release_checkpoint: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture,

@@ -112,12 +112,13 @@ def test_export_checks_the_output_folder_and_warns_for_opset_20(tmp_path: Path, 
 
 
 @pytest.mark.slow
-def test_export_writes_the_opset_it_says(release_checkpoint: Path, tmp_path: Path, capsys) -> None:
-    out = tmp_path / "m.onnx"
-    assert export.main(["--pth_path", str(release_checkpoint), "--testsize", SMALL, "--output", str(out)]) == 0
-    assert [i.version for i in onnx.load(str(out), load_external_data=False).opset_import if i.domain == ""] == [
+def test_export_writes_the_opset_it_says(export_script_run) -> None:
+    """export.py's main with the default flags (the session's one export at 256, which its export cache holds)."""
+    run = export_script_run(256)
+    assert run.code == 0, run.err
+    assert [i.version for i in onnx.load(str(run.path), load_external_data=False).opset_import if i.domain == ""] == [
         DEFAULT_OPSET]
-    assert f"(opset {DEFAULT_OPSET})" in capsys.readouterr().out
+    assert f"(opset {DEFAULT_OPSET})" in run.out
 
 
 # ---------------------------------------------------------------- eval.py: names, tables, folders
@@ -220,6 +221,7 @@ def test_broken_links_are_listed_and_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("reuse_release_model")
 def test_broken_links_make_test_py_exit_1(release_checkpoint: Path, tmp_path: Path, capsys) -> None:
     photos, out = tmp_path / "photos", tmp_path / "maps"
     photos.mkdir()

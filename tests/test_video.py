@@ -116,7 +116,8 @@ def test_every_mode_writes_every_frame_at_the_clip_rate_and_size(model: torch.nn
         assert np.array_equal(rgba[..., :3][reference == 255], frame[reference == 255])
 
 
-@pytest.mark.slow  # test.py's main end to end: loads the model and predicts the readable frames
+@pytest.mark.slow  # test.py's main end to end: predicts the readable frames
+@pytest.mark.usefixtures("reuse_release_model")
 def test_cut_clip_stops_at_the_last_readable_frame_exit_1(release_checkpoint: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture,
                                                           caplog: pytest.LogCaptureFixture) -> None:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -89,44 +91,63 @@ def test_accumulated_halves_take_the_full_batch_steps(four_pairs, tmp_path):
     assert differ / moved < 1e-3, (differ, moved)
 
 
-@pytest.mark.slow
-def test_accumulation_saves_on_boundaries_and_resumes_exactly(four_pairs, tmp_path, monkeypatch):
-    six = tmp_path / "six" / "DIS-TR"
+# 6 pairs at --batchsize 2 --accum_steps 2: three loader batches = one accumulated pair + a last single batch.
+ACCUMULATED = ("--batchsize", "2", "--accum_steps", "2", "--rates", "1", "--epoch", "2", "--stop_after_epoch", "1")
+
+
+@pytest.fixture(scope="module")
+def six_pairs(four_pairs, tmp_path_factory) -> Path:
+    """The 4 pairs plus copies of two of them."""
+    six = tmp_path_factory.mktemp("six") / "DIS-TR"
     shutil.copytree(four_pairs, six)
-    for stem in ("tr_0000", "tr_0001"):  # 6 pairs: three batches of 2 = one accumulated pair + a last single batch
+    for stem in ("tr_0000", "tr_0001"):
         shutil.copy(six / "im" / f"{stem}.jpg", six / "im" / f"x{stem}.jpg")
         shutil.copy(six / "gt" / f"{stem}.png", six / "gt" / f"x{stem}.png")
-    flags = ("--batchsize", "2", "--accum_steps", "2", "--rates", "1", "--epoch", "2", "--stop_after_epoch", "1",
-             "--save_iters", "1")
+    return six
+
+
+@pytest.fixture(scope="module")
+def accumulated_run(six_pairs, tmp_path_factory) -> Iterator[tuple[Path, Path, list[tuple[int, int]]]]:
+    """Epoch 1 of ACCUMULATED with --save_iters 1, uninterrupted: (its last.pth, the mid-epoch last.pth it wrote,
+    (iteration, step) at each save)."""
+    root = tmp_path_factory.mktemp("accumulated")
     saved: list[tuple[int, int]] = []
     original = Trainer.save
 
     def keep_mid_epoch(self: Trainer, name: str) -> Path:
         path = original(self, name)
         saved.append((self.state.iteration, self.state.step))
-        if self.state.iteration:
-            shutil.copy(path, tmp_path / "mid.pth")
+        if self.state.iteration:  # last.pth is replaced by a rename later: the link keeps this version
+            os.link(path, root / "mid.pth")
         return path
 
-    monkeypatch.setattr(Trainer, "save", keep_mid_epoch)
-    assert train.main(cli(six, tmp_path, "straight", *flags)) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "save", keep_mid_epoch)
+        assert train.main(cli(six_pairs, root, "straight", *ACCUMULATED, "--save_iters", "1")) == 0
+    yield root / "straight" / "last.pth", root / "mid.pth", saved
+    for path in root.rglob("*.pth"):
+        path.unlink()
+
+
+@pytest.mark.slow
+def test_accumulation_saves_on_boundaries_and_resumes_exactly(six_pairs, accumulated_run, tmp_path):
+    straight, mid, saved = accumulated_run
     # Saved after the first accumulated batch (2 loader batches, 1 step) and after the epoch, never in between.
     assert saved == [(2, 1), (0, 2)]
-    monkeypatch.setattr(Trainer, "save", original)
-    assert train.main(cli(six, tmp_path, "resumed", *flags, "--pre_model", str(tmp_path / "mid.pth"))) == 0
-    a, b = load(tmp_path / "straight" / "last.pth"), load(tmp_path / "resumed" / "last.pth")
+    assert train.main(cli(six_pairs, tmp_path, "resumed", *ACCUMULATED, "--save_iters", "1",
+                          "--pre_model", str(mid))) == 0
+    a, b = load(straight), load(tmp_path / "resumed" / "last.pth")
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (1, 2)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
 @pytest.mark.slow
-def test_grad_checkpointing_gives_the_same_weights_after_an_epoch(four_pairs, tmp_path):
-    flags = ("--batchsize", "2", "--rates", "0.75", "1", "--epoch", "2", "--stop_after_epoch", "1")
-    assert train.main(cli(four_pairs, tmp_path, "plain", *flags)) == 0
-    assert train.main(cli(four_pairs, tmp_path, "ckpt", *flags, "--grad_checkpointing")) == 0
-    a, b = load(tmp_path / "plain" / "last.pth"), load(tmp_path / "ckpt" / "last.pth")
-    assert a["step"] == b["step"] == 4
+def test_grad_checkpointing_gives_the_same_weights_after_an_epoch(six_pairs, accumulated_run, tmp_path):
+    """The same epoch as accumulated_run (its --save_iters saves change nothing trained), recomputing activations."""
+    assert train.main(cli(six_pairs, tmp_path, "ckpt", *ACCUMULATED, "--grad_checkpointing")) == 0
+    a, b = load(accumulated_run[0]), load(tmp_path / "ckpt" / "last.pth")
+    assert a["step"] == b["step"] == 2
     # Weights and buffers, BatchNorm running statistics included (updated once, not again when recomputed).
     for key, value in a["model"].items():
         assert torch.allclose(value.float(), b["model"][key].float(), rtol=0, atol=1e-6), key

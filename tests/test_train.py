@@ -1,4 +1,4 @@
-"""train.py end to end on a tiny synthetic dataset with the real FSANet (trainsize 64, batch 2, CPU)."""
+"""train.py end to end on a tiny synthetic dataset with the real FSANet (trainsize 32, batch 2, CPU)."""
 from __future__ import annotations
 
 import logging
@@ -50,7 +50,7 @@ def remove_checkpoints(folder: Path) -> None:
 
 def cli_args(train_path: Path, save_root: Path, name: str, *extra: str) -> list[str]:
     """train.py flags for a tiny CPU run from random weights."""
-    return ["--train_path", str(train_path), "--trainsize", "64", "--batchsize", "2", "--no_pretrained",
+    return ["--train_path", str(train_path), "--trainsize", "32", "--batchsize", "2", "--no_pretrained",
             "--num_workers", "0", "--device", "cpu", "--save_root", str(save_root), "--train_save", name,
             "--seed", str(SEED), *extra]
 
@@ -313,7 +313,7 @@ def free_port() -> int:
 def test_two_process_ddp_trains_identical_replicas(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(ROOT / "train.py"),
-           *cli_args(tiny_data / "DIS-TR", tmp_path, "ddp", "--epoch", "2", "--stop_after_epoch", "1")]
+           *cli_args(tiny_data / "DIS-TR", tmp_path, "ddp", "--epoch", "2", "--stop_after_epoch", "1", "--rates", "1")]
     env = child_env(OMP_NUM_THREADS="1")
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks on this machine; no hostname lookup needed
@@ -327,8 +327,9 @@ def test_two_process_ddp_trains_identical_replicas(tiny_data, tmp_path):
     ckpt = load(tmp_path / "ddp" / "last.pth")
     names = set(parameter_names())
     assert tensors_digest((k, v) for k, v in ckpt["model"].items() if k in names) == digests[0]
-    # 4 images, 2 per process per batch: each rank took one batch, three optimiser steps.
-    assert (ckpt["epoch"], ckpt["step"], ckpt["world_size"]) == (1, 3, 2)
+    # 4 images, 2 per process per batch: each rank took one batch, one optimiser step (one rate: the replicas'
+    # agreement, not the multi-scale recipe, is the subject here).
+    assert (ckpt["epoch"], ckpt["step"], ckpt["world_size"]) == (1, 1, 2)
     assert len(ckpt["rng_ranks"]) == 2 and not torch.equal(ckpt["rng_ranks"][0]["torch"], ckpt["rng_ranks"][1]["torch"])
     assert_never_used_untouched(ckpt)  # and DDP trained without find_unused_parameters
     assert len(list((tmp_path / "ddp" / "tb").iterdir())) == 1  # rank 0 alone logs

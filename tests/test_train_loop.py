@@ -16,6 +16,7 @@ from pipelines.training import TrainConfig, Trainer, checkpointing
 from pipelines.training.checkpointing import (
     CheckpointSaveError,
     checkpoint_bytes,
+    link_checkpoint,
     save_checkpoint,
     warn_changed_settings,
 )
@@ -91,6 +92,25 @@ def test_failed_save_names_a_resume_file_only_when_one_exists(tmp_path, monkeypa
     with pytest.raises(CheckpointSaveError) as err:
         save_checkpoint({"epoch": 4}, tmp_path / "FSANet-5.pth")
     assert f"resume with --pre_model {tmp_path / 'last.pth'}" in str(err.value)
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard_link", "no_links"])
+def test_a_checkpoint_saved_as_another_name_keeps_its_state(tmp_path, monkeypatch, links):
+    """FSANet-N.pth and best.pth are last.pth's state of that epoch (linked, or copied where the filesystem has no
+    hard links): the next epoch's last.pth leaves them as they were."""
+    if not links:
+        def no_link(source, target):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(checkpointing.os, "link", no_link)
+    last, best = tmp_path / "last.pth", tmp_path / "best.pth"
+    save_checkpoint({"epoch": 1, "w": torch.ones(3)}, last)
+    best.write_bytes(b"an older best.pth")
+    link_checkpoint(last, best, 1)
+    save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, last)
+    kept = torch.load(best, weights_only=True)
+    assert kept["epoch"] == 1 and torch.equal(kept["w"], torch.ones(3))
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+    assert (best.stat().st_nlink == 1) and sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "last.pth"]
 
 
 def split_with_cut_files(root: Path, good: int, cut: int) -> Path:

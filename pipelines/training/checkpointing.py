@@ -8,6 +8,7 @@ state dicts) only initialise the weights.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lib.checkpoint import extract_state_dict, load_weights, strip_wrapper_prefixes, torch_load_weights
-from utils.atomic import atomic_torch_save, os_reason
+from utils.atomic import atomic_path, atomic_torch_save, os_reason
 from utils.errors import FSANetError, RunError
 
 log = logging.getLogger(__name__)
@@ -88,14 +89,33 @@ def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
         atomic_torch_save(checkpoint, path)
     except (OSError, RuntimeError) as e:
         reason = os_reason(e) if isinstance(e, OSError) else _writer_reason(str(e))
-        kept = f"the previous {path.name} is kept" if path.is_file() else "no earlier copy exists"
-        last = path.parent / "last.pth"
-        then = (f"then resume with --pre_model {last}" if last.is_file()
-                else "then train again (no checkpoint of this run exists to resume from)")
-        raise CheckpointSaveError(
-            f"{path}: could not save the checkpoint after epoch {checkpoint.get('epoch')} ({reason}); {kept}. "
-            f"Free space or choose another --save_root, {then}"
-        ) from None
+        raise _save_error(path, checkpoint.get("epoch"), reason) from None
+
+
+def link_checkpoint(source: Path, path: Path, epoch: int) -> None:
+    """Make `path` the checkpoint `source` is now, atomically and without writing it again: a hard link (a copy
+    where the filesystem has none). `source` is only ever replaced by a rename, so `path` keeps this version."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.unlink()
+            try:
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
+    except OSError as e:
+        raise _save_error(path, epoch, os_reason(e)) from None
+
+
+def _save_error(path: Path, epoch: object, reason: str) -> CheckpointSaveError:
+    """The one-line error of a failed save: the file, why, what is kept and how to go on."""
+    kept = f"the previous {path.name} is kept" if path.is_file() else "no earlier copy exists"
+    last = path.parent / "last.pth"
+    then = (f"then resume with --pre_model {last}" if last.is_file()
+            else "then train again (no checkpoint of this run exists to resume from)")
+    return CheckpointSaveError(
+        f"{path}: could not save the checkpoint after epoch {epoch} ({reason}); {kept}. "
+        f"Free space or choose another --save_root, {then}"
+    )
 
 
 class NotEnoughSpaceError(FSANetError):

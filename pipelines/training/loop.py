@@ -39,6 +39,7 @@ from pipelines.training.checkpointing import (
     RunState,
     check_free_space,
     checkpoint_bytes,
+    link_checkpoint,
     resume,
     save_checkpoint,
     training_checkpoint,
@@ -389,12 +390,17 @@ class Trainer:
         improved = False
         if cfg.val_path and cfg.val_every and (epoch % cfg.val_every == 0 or epoch == cfg.epoch):
             improved = self.validate_and_log(epoch)
-        self.save("last.pth")
+        last = self.save("last.pth")
+        also = []
         # The release's names: after epoch e (1-based) with (e + 1) % 5 == 0 it writes FSANet-{e+1}.pth.
         if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
-            self.save(f"FSANet-{epoch + 1}.pth")
+            also.append(f"FSANet-{epoch + 1}.pth")
         if improved:
-            self.save("best.pth")
+            also.append("best.pth")
+        # The same state as last.pth: linked to it, not written again (1.3 GB each at the release's size).
+        for name in also if self.ctx.is_main else ():
+            link_checkpoint(last, self.save_dir / name, epoch)
+            log.info("saved %s (the state of %s)", self.save_dir / name, last.name)
 
     def validate_and_log(self, epoch: int) -> bool:
         """Validate on rank 0 while the others wait; True when maxF improved (rank 0)."""

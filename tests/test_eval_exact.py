@@ -243,3 +243,20 @@ def test_centroid_from_counts_equals_the_librarys_argwhere_mean() -> None:
         if mask.any():
             want = np.argwhere(mask).mean(axis=0).round()
             assert _centroid(mask, np.count_nonzero(mask)) == (want[0], want[1]), f"mask {i}"
+
+
+def test_object_score_from_levels_equals_the_librarys_s_object() -> None:
+    """Squared deviations looked up per gray level give the library's mean/std object score bit for bit."""
+    from py_sod_metrics import Smeasure
+
+    from utils.level_metrics import normalised_levels
+    from utils.structure_measure import s_object_of_levels
+
+    rng = np.random.default_rng(10)
+    library = Smeasure()
+    codes = [np.array([7], np.uint8), np.full(50, 200, np.uint8), np.array([0, 255] * 40, np.uint8),
+             rng.integers(0, 256, 100_003).astype(np.uint8), (rng.random(5000) ** 6 * 255).astype(np.uint8)]
+    for i, pixels in enumerate(codes):
+        levels = normalised_levels(pixels)
+        for table in (levels, 1 - levels):  # foreground values, and the background's 1 - pred
+            assert s_object_of_levels(table, pixels) == library.s_object(table[pixels]), f"case {i}"

@@ -250,7 +250,7 @@ class DISMetrics:
         fg_levels, bg_levels = pred[gt_bin], pred[~gt_bin]
         bg_values = level_values(levels, bg_levels)  # also E = |pred - 0| there
         self.smeasure.sms.append(s_measure(self.smeasure, pred_norm, gt_bin, sm or sm_ground(gt_bin),
-                                           level_values(levels, fg_levels), bg_values))
+                                           levels=(levels, fg_levels, bg_levels)))
         # The library's |pred - gt|, computed in the normalised map's own memory (it is not used again).
         error = np.abs(np.subtract(pred_norm, gt_bin, out=pred_norm), out=pred_norm)
         del pred_norm

@@ -179,23 +179,26 @@ def test_objects_the_interrupt_left_half_built_complain_to_the_debug_log_only() 
     assert done.returncode == 143 and done.stderr == "interrupted (SIGTERM): nothing saved\n", done.stderr
 
 
+def run_with_a_forked_child(setup: str, target: str, after: str) -> subprocess.CompletedProcess:
+    """`python -c`: `setup`, then run_cli(body), where body forks a Process(target=...), joins it, then `after`."""
+    code = ("import multiprocessing as mp, os, signal, sys, time\n" + setup +
+            "from pipelines.cli import run_cli\n"
+            "def body():\n"
+            f"    p = mp.get_context('fork').Process(target={target})\n"
+            "    p.start(); p.join()\n"
+            f"    {after}\n"
+            "    return 0\n"
+            "sys.exit(run_cli(body, lambda: 'stopped'))\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          preexec_fn=stoppable)
+
+
 @pytest.mark.slow
 def test_a_forked_child_still_starting_ends_by_the_signal_quietly() -> None:
     """A process forked inside run_cli (a DataLoader worker before it sets its own handlers) that gets SIGTERM
     (the exiting parent terminates its daemon workers) dies by the signal without the parent's traceback."""
-    code = ("import multiprocessing as mp, os, signal, sys, time\n"
-            "from pipelines.cli import run_cli\n"
-            "def child():\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    time.sleep(5)\n"
-            "def body():\n"
-            "    p = mp.get_context('fork').Process(target=child)\n"
-            "    p.start(); p.join()\n"
-            "    print(p.exitcode)\n"
-            "    return 0\n"
-            "sys.exit(run_cli(body))\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          preexec_fn=stoppable)
+    done = run_with_a_forked_child("def child():\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(5)\n",
+                                   "child", "print(p.exitcode)")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{-signal.SIGTERM}\n" and "Traceback" not in done.stderr, done.stderr
 
@@ -204,18 +207,9 @@ def test_a_forked_child_still_starting_ends_by_the_signal_quietly() -> None:
 def test_a_signal_inside_a_librarys_fork_hook_still_stops_the_run() -> None:
     """SIGTERM handled while another library's fork hook runs (filelock pins its objects there each time a
     DataLoader forks a worker) used to be printed as 'Exception ignored' and lost: the run went on."""
-    code = ("import multiprocessing as mp, os, signal, sys, time\n"
-            "def library_hook():\n"
+    hook = ("def library_hook():\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "    sum(range(100000))\n"  # the handler runs here, inside the hook
-            "os.register_at_fork(before=library_hook)\n"
-            "from pipelines.cli import run_cli\n"
-            "def body():\n"
-            "    p = mp.get_context('fork').Process(target=time.sleep, args=(0,))\n"
-            "    p.start(); p.join()\n"
-            "    time.sleep(10)\n"
-            "    return 0\n"
-            "sys.exit(run_cli(body, lambda: 'stopped'))\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          preexec_fn=stoppable)
+            "os.register_at_fork(before=library_hook)\n")
+    done = run_with_a_forked_child(hook, "lambda: None", "time.sleep(10)")
     assert done.returncode == 143 and done.stderr == "interrupted (SIGTERM): stopped\n", done.stderr

@@ -229,6 +229,7 @@ def release_state_dict(official_weights) -> dict[str, torch.Tensor]:
     return official_weights.official_state_dict(seed=0, radius=60.0)
 
 
+@pytest.mark.slow  # test.py's main loads the release checkpoint
 @pytest.mark.parametrize("change", ["key_removed", "shape_changed"])
 def test_wrong_architecture_checkpoint_is_one_error_line(change: str, release_state_dict, one_photo: Path,
                                                          capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
@@ -244,6 +245,7 @@ def test_wrong_architecture_checkpoint_is_one_error_line(change: str, release_st
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # test.py's main loads the release checkpoint
 def test_checkpoint_of_other_frequency_encoder_is_one_error_line(release_checkpoint: Path, one_photo: Path,
                                                                  capsys: pytest.CaptureFixture,
                                                                  tmp_path: Path) -> None:

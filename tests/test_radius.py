@@ -95,6 +95,7 @@ def test_train_warning_covers_every_size_of_the_run():
     assert "from --pre_model w.pth" in highpass_warning(TrainConfig(trainsize=128, pre_model="w.pth"), 100.0)
 
 
+@pytest.mark.slow  # a test.py run
 def test_test_py_takes_the_radius_from_the_checkpoint_and_warns(model, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         warn_narrow_band(model.frequency.radius.item(), 992)
@@ -117,6 +118,7 @@ def test_test_py_takes_the_radius_from_the_checkpoint_and_warns(model, tmp_path,
     assert not caplog.records
 
 
+@pytest.mark.slow  # a test.py run
 @pytest.mark.parametrize("runtime", ["torch", "auto"])
 def test_test_py_run_warns_about_a_release_radius_at_128(runtime, release_radius_checkpoint, tmp_path, caplog,
                                                          monkeypatch):

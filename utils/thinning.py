@@ -55,7 +55,8 @@ def skeletonize(mask: np.ndarray) -> np.ndarray:
     flat = padded.reshape(-1)
     stride = w + 2
     offsets = np.array([dr * stride + dc for dr, dc in _NEIGHBOURS], dtype=np.intp)
-    stamp = np.empty(flat.size, dtype=np.int64)
+    # 4-byte stamps: half the memory traffic of 8-byte ones in the scattered reads and writes.
+    stamp = np.empty(flat.size, dtype=np.int32 if flat.size < 2**31 else np.int64)
     # A sub-pass re-checks the foreground pixels around those removed by the two sub-passes before it: any
     # other pixel was checked by the last sub-pass of its kind with the neighbourhood it still has. A pixel
     # whose 8 neighbours are all foreground (code 255) is kept by both kinds, so the first two sub-passes

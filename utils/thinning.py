@@ -55,8 +55,9 @@ def skeletonize(mask: np.ndarray) -> np.ndarray:
     flat = padded.reshape(-1)
     stride = w + 2
     offsets = np.array([dr * stride + dc for dr, dc in _NEIGHBOURS], dtype=np.intp)
-    # 4-byte stamps: half the memory traffic of 8-byte ones in the scattered reads and writes.
-    stamp = np.empty(flat.size, dtype=np.int32 if flat.size < 2**31 else np.int64)
+    # 4-byte stamps (half the memory traffic of 8-byte ones in the scattered reads and writes); negative values
+    # mark each sub-pass's new neighbours.
+    stamp = np.zeros(flat.size, dtype=np.int32 if flat.size < 2**31 else np.int64)
     # A sub-pass re-checks the foreground pixels around those removed by the two sub-passes before it: any
     # other pixel was checked by the last sub-pass of its kind with the neighbourhood it still has. A pixel
     # whose 8 neighbours are all foreground (code 255) is kept by both kinds, so the first two sub-passes
@@ -69,7 +70,10 @@ def skeletonize(mask: np.ndarray) -> np.ndarray:
         flat[removed] = 0  # all decisions above were taken on the state before this sub-pass
         near = (removed[:, None] + offsets).reshape(-1)
         near = _unique(near[flat[near] != 0], stamp)
-        candidates = _unique(np.concatenate([before[flat[before] != 0], near]), stamp)
+        # `before` and `near` hold no repeats each: mark this sub-pass's `near` and keep the rest of `before`.
+        mark = -1 - step
+        stamp[near] = mark
+        candidates = np.concatenate([before[(flat[before] != 0) & (stamp[before] != mark)], near])
         before = near
         if candidates.size == 0:
             break

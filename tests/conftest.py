@@ -231,6 +231,19 @@ def run_script_main(capsys: pytest.CaptureFixture, main: Callable[[list[str]], i
 
 
 @pytest.fixture
+def one_photo(tmp_path: Path) -> Path:
+    """A folder `photos` with one small image, `x.jpg` (test_inference's scene)."""
+    from PIL import Image
+
+    from tests.test_inference import scene
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(scene(40, 32)).save(folder / "x.jpg")
+    return folder
+
+
+@pytest.fixture
 def reuse_release_model(monkeypatch: pytest.MonkeyPatch, release_checkpoint: Path,
                         release_model: torch.nn.Module) -> torch.nn.Module:
     """test.py's model loading in this test hands back the session's `release_model` for the one call it is the

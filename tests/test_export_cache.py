@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
-from PIL import Image
 
 from utils import cache_keys, export_cache, onnx_export, runtimes
 
@@ -427,16 +426,13 @@ def test_a_full_disk_everywhere_is_one_runtime_unavailable(small_ckpt: Path, tmp
 @pytest.mark.slow
 @pytest.mark.usefixtures("reuse_release_model")
 def test_test_py_on_a_full_cache_disk_writes_the_maps_with_one_warning(release_checkpoint: Path, tmp_path: Path,
-                                                                       private_tmp: Path,
+                                                                       private_tmp: Path, one_photo: Path,
                                                                        monkeypatch: pytest.MonkeyPatch,
                                                                        capsys: pytest.CaptureFixture,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     """Issue 22, item 9: the ONNX save hits ENOSPC (cache and temporary folder): PyTorch writes the maps."""
-    from tests.test_inference import load_test_script, scene
+    from tests.test_inference import load_test_script
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    Image.fromarray(scene(40, 32)).save(photos / "x.jpg")
 
     def full_disk(model: torch.nn.Module, path: Path, testsize: int, **kwargs) -> float:
         Path(path).write_bytes(b"half an export")
@@ -444,7 +440,7 @@ def test_test_py_on_a_full_cache_disk_writes_the_maps_with_one_warning(release_c
 
     monkeypatch.setattr(onnx_export, "export_onnx", full_disk)  # the real model is built, its save fails
     # 128: the checkpoint's radius leaves a high-pass band (no other warning than the cache's).
-    args = ["--pth_path", str(release_checkpoint), "--input", str(photos), "--testsize", "128", "--device", "cpu",
+    args = ["--pth_path", str(release_checkpoint), "--input", str(one_photo), "--testsize", "128", "--device", "cpu",
             "--save_root", str(tmp_path / "maps"), "--cache_dir", str(tmp_path / "cache")]
     with caplog.at_level(logging.WARNING):
         assert load_test_script().main(args) == 0
@@ -458,13 +454,11 @@ def test_test_py_on_a_full_cache_disk_writes_the_maps_with_one_warning(release_c
 @pytest.mark.parametrize("kind", ["file", "read-only"])
 def test_test_py_with_an_unusable_cache_dir_leaves_no_temporary_folder(kind: str, radius_ckpt: Path,
                                                                         tmp_path: Path, private_tmp: Path,
+                                                                        one_photo: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 22, item 9: a `--cache_dir` that is a file or read-only costs no run and leaves no /tmp folder."""
-    from tests.test_inference import load_test_script, scene
+    from tests.test_inference import load_test_script
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    Image.fromarray(scene(40, 32)).save(photos / "x.jpg")
     cache = tmp_path / "cache"
     if kind == "file":
         cache.write_text("not a folder")
@@ -473,7 +467,7 @@ def test_test_py_with_an_unusable_cache_dir_leaves_no_temporary_folder(kind: str
         read_only(monkeypatch, cache)
     calls: list[Path] = []
     monkeypatch.setattr(export_cache, "export_checkpoint", tiny_exporter(calls))
-    args = ["--pth_path", str(radius_ckpt), "--input", str(photos), "--testsize", str(SIZE), "--device", "cpu",
+    args = ["--pth_path", str(radius_ckpt), "--input", str(one_photo), "--testsize", str(SIZE), "--device", "cpu",
             "--save_root", str(tmp_path / "maps"), "--cache_dir", str(cache), "--runtime", "openvino"]
     assert load_test_script().main(args) == 0
     assert (tmp_path / "maps" / "x.png").is_file() and len(calls) == 1

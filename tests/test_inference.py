@@ -181,15 +181,6 @@ def run_main(capsys: pytest.CaptureFixture, *args: str | os.PathLike) -> tuple[i
     return code, capsys.readouterr().err
 
 
-@pytest.fixture
-def one_photo(tmp_path: Path) -> Path:
-    """A folder with one small image."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    Image.fromarray(scene(40, 32)).save(folder / "x.jpg")
-    return folder
-
-
 @pytest.mark.slow
 def test_missing_checkpoint_is_one_error_line(one_photo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "nope" / "FSANet-100.pth"

@@ -183,6 +183,14 @@ def train_py_running(split: Path, save_root: Path, preexec_fn) -> tuple[subproce
     return proc, seen
 
 
+def stopped_by(proc: subprocess.Popen, seen: list[str], signum: int) -> str:
+    """Send `signum` to a running script, wait for it to end; its whole stderr (`seen` so far and the rest)."""
+    proc.send_signal(signum)
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    return "".join(seen) + rest
+
+
 def _test_script():
     """test.py as a module (the standard library owns the name `test`)."""
     import importlib.util
@@ -220,20 +228,26 @@ def interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.slow
-def test_ctrl_c_in_test_py_reports_maps_written(release_checkpoint: Path, tmp_path: Path) -> None:
+def maps_being_written(checkpoint: Path, tmp_path: Path, preexec_fn) -> tuple[subprocess.Popen, Path]:
+    """test.py started on 200 small photos, once it has written its first map (or ended); its output folder."""
     photos, out = tmp_path / "photos", tmp_path / "maps"
     photos.mkdir()
     for i in range(200):
         Image.fromarray(np.full((48, 40, 3), i, np.uint8)).save(photos / f"p{i:03d}.png")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "test.py"), "--pth_path", str(release_checkpoint),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "test.py"), "--pth_path", str(checkpoint),
                              "--input", str(photos), "--save_root", str(out), "--testsize", SMALL, "--device", "cpu",
                              "--runtime", "torch"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=interruptible)
+                            preexec_fn=preexec_fn)
     deadline = time.monotonic() + 300
     while not list(out.glob("p*.png")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
+    return proc, out
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_test_py_reports_maps_written(release_checkpoint: Path, tmp_path: Path) -> None:
+    proc, out = maps_being_written(release_checkpoint, tmp_path, interruptible)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -412,10 +426,7 @@ def test_cut_jpeg_with_on_bad_error_stops_with_a_true_message(tiny_split: Path, 
 def test_ctrl_c_in_train_py_is_one_line(tiny_split: Path, tmp_path: Path) -> None:
     """A real SIGINT once training has started (DataLoader workers running): one line, exit 130."""
     proc, seen = train_py_running(tiny_split, tmp_path, interruptible)
-    proc.send_signal(signal.SIGINT)
-    rest = proc.stderr.read()
-    proc.wait(timeout=120)
-    stderr = "".join(seen) + rest
+    stderr = stopped_by(proc, seen, signal.SIGINT)
     assert proc.returncode == 130, stderr
     final = stderr.strip().splitlines()[-1]
     assert final.startswith("interrupted: in epoch 1 of 50") and "no checkpoint was saved yet" in final, final

@@ -202,22 +202,19 @@ def test_explicit_runtime_refusals_and_auto_fallback(release_checkpoint: Path, t
 
 
 @pytest.mark.usefixtures("reuse_release_model")
-def test_test_py_auto_falls_back_and_explicit_exits_2(release_checkpoint: Path, tmp_path: Path,
+def test_test_py_auto_falls_back_and_explicit_exits_2(release_checkpoint: Path, tmp_path: Path, one_photo: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    from tests.test_inference import load_test_script, scene
+    from tests.test_inference import load_test_script
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    Image.fromarray(scene(40, 32)).save(photos / "x.jpg")
     script = load_test_script()
 
     def unavailable(*args, **kwargs):
         raise runtimes.RuntimeUnavailable("--runtime openvino: the openvino package is not installed")
 
     monkeypatch.setattr(inference, "load_runner", unavailable)
-    base = ["--pth_path", str(release_checkpoint), "--input", str(photos), "--testsize", "64", "--device", "cpu"]
+    base = ["--pth_path", str(release_checkpoint), "--input", str(one_photo), "--testsize", "64", "--device", "cpu"]
     assert script.main([*base, "--save_root", str(tmp_path / "a"), "--runtime", "openvino"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --runtime openvino") and "not installed" in err[0]

@@ -10,11 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import ROOT
-from PIL import Image
-from test_reliability import SMALL, temp_files, tiny_split, train_args, train_py_running  # noqa: F401  (fixtures)
+from test_reliability import (  # noqa: F401  (tiny_split: a fixture)
+    maps_being_written,
+    stopped_by,
+    temp_files,
+    tiny_split,
+    train_py_running,
+)
 
 from pipelines.cli import Interrupted, run_cli
 
@@ -97,16 +101,7 @@ def test_sigterm_while_saving_leaves_no_temp_file(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sighup_in_test_py_reports_maps_written(release_checkpoint: Path, tmp_path: Path) -> None:
-    photos, out = tmp_path / "photos", tmp_path / "maps"
-    photos.mkdir()
-    for i in range(200):
-        Image.fromarray(np.full((48, 40, 3), i, np.uint8)).save(photos / f"p{i:03d}.png")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "test.py"), "--pth_path", str(release_checkpoint),
-                             "--input", str(photos),
-                             "--save_root", str(out), "--testsize", SMALL, "--device", "cpu", "--runtime", "torch"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=stoppable)
-    wait_for(lambda: list(out.glob("p*.png")) or proc.poll() is not None)
+    proc, out = maps_being_written(release_checkpoint, tmp_path, stoppable)
     proc.send_signal(signal.SIGHUP)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 129, stderr
@@ -122,10 +117,7 @@ def test_sigterm_in_train_py_names_where_it_stopped(tiny_split: Path, tmp_path: 
     """SIGTERM once training runs (DataLoader workers up): one line, exit 143, no worker left behind."""
     proc, seen = train_py_running(tiny_split, tmp_path, stoppable)
     children = descendants(proc.pid)
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.stderr.read()
-    proc.wait(timeout=120)
-    stderr = "".join(seen) + rest
+    stderr = stopped_by(proc, seen, signal.SIGTERM)
     assert proc.returncode == 143, stderr
     final = stderr.strip().splitlines()[-1]
     assert final.startswith("interrupted (SIGTERM): in epoch ") and " of 50" in final, final

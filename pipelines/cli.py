@@ -47,9 +47,9 @@ class Interrupted(KeyboardInterrupt):
 
 def _swallowed_there(frame: FrameType | None) -> bool:
     """Whether an exception raised in `frame` would be printed and dropped instead of stopping the run: inside a
-    `__del__`, or in logging's fork hooks (they run each time a DataLoader starts its worker processes)."""
+    `__del__` (fork hooks, logging's among them, are covered by `_forking`)."""
     while frame is not None:
-        if frame.f_code.co_name == "__del__" or frame.f_code.co_filename == logging.__file__:
+        if frame.f_code.co_name == "__del__":
             return True
         frame = frame.f_back
     return False

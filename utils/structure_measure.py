@@ -3,9 +3,10 @@
 `Smeasure.cal_sm` takes the GT's mean, the centroid of its foreground (`np.argwhere(gt).mean(axis=0)`,
 a pass over every foreground coordinate) and, in each of the four quadrants around it, the GT's mean and
 variance; only the prediction's means, variances and covariances depend on the prediction. `sm_ground`
-computes the GT's numbers with the library's expressions on the same arrays, `s_measure` the rest as the
-library's `object`, `region` and `ssim` do, so the value is the library's bit for bit (the tests compare
-on varied GTs, including empty, full and border ones).
+computes the GT's numbers once (the means and centroid from pixel counts, which equal the library's exact
+float sums of 0/1 values and integer coordinates), `s_measure` the rest as the library's `object`, `region`
+and `ssim` do, so the value is the library's bit for bit (the tests compare on varied GTs, including empty,
+full and border ones).
 """
 from __future__ import annotations
 
@@ -102,24 +103,19 @@ def s_object_of_levels(table: np.ndarray, codes: np.ndarray) -> float:
     return 2 * mean / (np.power(mean, 2) + 1 + std + EPS)
 
 
-def s_measure(sm: Smeasure, pred: np.ndarray, gt: np.ndarray, ground: SMGround, fg: np.ndarray | None = None,
-              bg: np.ndarray | None = None, levels: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> float:
-    """`Smeasure.cal_sm(pred, gt)` (pred in [0, 1], boolean gt) with the GT side precomputed;
-    `fg`, `bg`: pred at the foreground / background pixels (row-major), when already known; `levels`:
-    (the value of each 8-bit level, the 8-bit foreground pixels, the 8-bit background pixels) of a map
-    whose `pred` is that look-up, for the object score's faster path."""
+def s_measure(sm: Smeasure, pred: np.ndarray, gt: np.ndarray, ground: SMGround,
+              levels: tuple[np.ndarray, np.ndarray, np.ndarray]) -> float:
+    """`Smeasure.cal_sm(pred, gt)` (pred in [0, 1], boolean gt) with the GT side precomputed; `levels`: the
+    value of each 8-bit level, the 8-bit foreground pixels and the 8-bit background pixels (row-major) of
+    the map whose look-up `pred` is."""
     y = ground.gt_mean
     if y == 0:
         return 1 - np.mean(pred)
     if y == 1:
         return np.mean(pred)
-    if levels is not None:
-        table, fg_codes, bg_codes = levels
-        fg_score = s_object_of_levels(table, fg_codes) * y
-        bg_score = s_object_of_levels(1 - table, bg_codes) * (1 - y)
-    else:
-        fg_score = sm.s_object(pred[gt] if fg is None else fg) * y
-        bg_score = sm.s_object(1 - (pred[~gt] if bg is None else bg)) * (1 - y)
+    table, fg_codes, bg_codes = levels
+    fg_score = s_object_of_levels(table, fg_codes) * y
+    bg_score = s_object_of_levels(1 - table, bg_codes) * (1 - y)  # the library's (1 - pred)[~gt]
     object_score = (fg_score + bg_score) * sm.alpha
     h, w = gt.shape
     area = h * w

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from pipelines.benchmarks.model import TRAIN_VARIANTS, inference_rows, train_row
 from pipelines.benchmarks.pipeline import pipeline_rows
 from pipelines.benchmarks.runtimes import runtime_rows
 from pipelines.benchmarks.timing import Row, rows_table
-from pipelines.cli import int_at_least, run_cli
+from pipelines.cli import exit_process, int_at_least, run_cli
 from utils.device import AMP_CHOICES, resolve_device
 from utils.errors import EXIT_OK
 
@@ -102,4 +101,4 @@ def report(args: argparse.Namespace, rows: list[Row]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

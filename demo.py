@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from pipelines.cli import run_cli
+from pipelines.cli import exit_process, run_cli
 from pipelines.demo import parse_args, run_demo
 from utils.errors import EXIT_OK
 
@@ -24,4 +23,4 @@ def print_demo(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipelines.cli import int_at_least, run_cli
+from pipelines.cli import exit_process, int_at_least, run_cli
 from pipelines.evaluation import EvalConfig, default_cache_dir, default_workers, run_evaluation
 from utils.dis5k import EVAL_SPLITS
 from utils.errors import EXIT_FAILED, EXIT_OK
@@ -82,4 +82,4 @@ def print_table(config: EvalConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

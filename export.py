@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from lib import FREQ_ENCODER_NAMES
-from pipelines.cli import float_in, int_at_least, run_cli
+from pipelines.cli import exit_process, float_in, int_at_least, run_cli
 from utils.atomic import check_writable_dir
 from utils.errors import EXIT_FAILED, EXIT_OK, FSANetError, RunError
 from utils.onnx_export import DEFAULT_OPSET, MIN_OPSET, OPENVINO_DFT_BREAKS, max_opset
@@ -59,7 +59,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export, check with onnxruntime, print the result; the exit status."""
-    from lib import FSANet, load_checkpoint
+    from lib import fsanet_from_checkpoint
     from utils.onnx_export import (
         ExportError,
         check_against_torch,
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     check_args(args)
-    model = load_checkpoint(FSANet(freq_encoder=args.freq_encoder), args.pth_path)
+    model = fsanet_from_checkpoint(args.pth_path, args.freq_encoder)
     try:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         seconds = export_onnx(model, args.output, args.testsize, args.opset, args.dynamic_batch, external_data=True)
@@ -101,4 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

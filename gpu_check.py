@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-from pipelines.cli import float_in, run_cli
+from pipelines.cli import exit_process, float_in, run_cli
 from pipelines.gpu_check import run_gpu_check
 
 
@@ -37,4 +36,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

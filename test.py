@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lib import FREQ_ENCODER_NAMES
-from pipelines.cli import run_cli
+from pipelines.cli import exit_process, run_cli
 from pipelines.inference import (
     InferenceError,
     InferenceOptions,
@@ -179,4 +179,4 @@ def predict_and_report(args: argparse.Namespace, summary: InferenceSummary) -> i
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

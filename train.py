@@ -9,13 +9,12 @@ Without torchrun it trains on every visible GPU through DataParallel (as the rel
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lib import FREQ_ENCODER_NAMES
-from pipelines.cli import float_in, int_at_least, run_cli
+from pipelines.cli import exit_process, float_in, int_at_least, run_cli
 from pipelines.training import TrainConfig, Trainer
 from utils.device import AMP_CHOICES
 from utils.distributed import cleanup_distributed, init_distributed
@@ -187,4 +186,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

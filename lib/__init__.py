@@ -11,10 +11,11 @@ from typing import Any
 # Names of the frequency encoders (lib.encoders.FREQ_ENCODERS holds their classes), for argument parsers.
 FREQ_ENCODER_NAMES = ("resnet50", "res2net50")
 
-_EXPORTS = {"FSANet": ".fsanet", "load_checkpoint": ".checkpoint", "CheckpointError": ".checkpoint",
-            "load_pretrained_encoders": ".encoders"}
+_EXPORTS = {"FSANet": ".fsanet", "load_checkpoint": ".checkpoint", "fsanet_from_checkpoint": ".checkpoint",
+            "CheckpointError": ".checkpoint", "load_pretrained_encoders": ".encoders"}
 
-__all__ = ["FSANet", "load_checkpoint", "load_pretrained_encoders", "CheckpointError", "FREQ_ENCODER_NAMES"]
+__all__ = ["FSANet", "load_checkpoint", "fsanet_from_checkpoint", "load_pretrained_encoders", "CheckpointError",
+           "FREQ_ENCODER_NAMES"]
 
 
 def __getattr__(name: str) -> Any:

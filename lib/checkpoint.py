@@ -228,3 +228,17 @@ def load_checkpoint(model: nn.Module, source: CheckpointSource, name: str | None
     supported layout; errors name `name` (default: the path); returns the model."""
     name = name or (str(source) if isinstance(source, (str, os.PathLike)) else "checkpoint")
     return load_weights(model, read_state_dict(source, name), name)
+
+
+def fsanet_from_checkpoint(source: CheckpointSource, freq_encoder: str = "resnet50",
+                           name: str | None = None) -> nn.Module:
+    """FSANet holding a checkpoint's weights, built without the random initialisation they replace.
+
+    Every parameter and buffer is in the state dict and loading is strict, so nothing is left uninitialised;
+    drawing 109 M random numbers first would cost half a second per start.
+    """
+    from lib.fsanet import FSANet  # here: lib.checkpoint alone does not import timm
+
+    with torch.device("meta"):
+        model = FSANet(freq_encoder=freq_encoder)
+    return load_checkpoint(model.to_empty(device="cpu"), source, name)

@@ -197,11 +197,10 @@ def load_model(pth_path: str | os.PathLike, freq_encoder: str, device: torch.dev
                amp: str = "none") -> nn.Module:
     """FSANet with the checkpoint's weights, on `device`, prepared for inference (for `amp` too)."""
     # Imported here: the model pulls in timm and torchvision, which the exported runtimes never need.
-    from lib import FSANet, load_checkpoint
+    from lib import fsanet_from_checkpoint
     from lib.fast import optimize_for_inference
 
-    model = FSANet(freq_encoder=freq_encoder)
-    load_checkpoint(model, pth_path)
+    model = fsanet_from_checkpoint(pth_path, freq_encoder)
     return optimize_for_inference(model.to(device), autocast_dtype=amp_dtype(amp))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import importlib.util
 import io
 import logging
@@ -40,6 +41,31 @@ from pipelines.gpu_check import child_env, reference_fixtures  # noqa: E402, F40
 REFERENCE = reference_fixtures()
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# The suite writes and reads training checkpoints of 1.3 GB some forty times; on a disk, write-back makes each
+# save seconds slower than in memory. Where /dev/shm (RAM) has room for the largest set alive at once (a few
+# GB) with a margin, pytest's temporary folders go there; --basetemp or PYTEST_DEBUG_TEMPROOT choose otherwise.
+MEMORY_TEMP_ROOT, MEMORY_TEMP_MIN_FREE = Path("/dev/shm"), 12 * 2**30
+
+
+def memory_temp_root(root: Path = MEMORY_TEMP_ROOT, min_free: int = MEMORY_TEMP_MIN_FREE) -> Path | None:
+    """`root` when it is a writable folder with at least `min_free` bytes free, else None."""
+    try:
+        stats = os.statvfs(root)
+    except OSError:
+        return None
+    return root if os.access(root, os.W_OK) and stats.f_bavail * stats.f_frsize >= min_free else None
+
+
+if "PYTEST_DEBUG_TEMPROOT" not in os.environ and (_memory := memory_temp_root()) is not None:
+    os.environ["PYTEST_DEBUG_TEMPROOT"] = str(_memory)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what importing the tests' libraries created (torch, timm, onnx, OpenVINO: ~10^6 objects): every
+    full garbage collection of the run, run_cli's after an interrupt among them, would trace them again."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")

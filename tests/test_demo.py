@@ -11,8 +11,8 @@ import demo
 @pytest.mark.slow
 def test_reduced_demo_runs_end_to_end(tmp_path, capfd):
     data, out = tmp_path / "data", tmp_path / "run"
-    # demo.py's own process is not the subject: its main runs here, and it starts test.py, train.py and eval.py
-    # as processes as always (capfd reads their output too). One batch per epoch; 2 epochs (epoch 1 of 1 is lr 0).
+    # demo.py's own process is not the subject: its main runs here, and runs test.py's, train.py's and eval.py's
+    # mains as always (capfd reads their output too). One batch per epoch; 2 epochs (epoch 1 of 1 is lr 0).
     rc = demo.main(["--data", str(data), "--out", str(out), "--size", "64", "--n_train", "2", "--n_test", "2",
                     "--epoch", "2", "--trainsize", "64", "--testsize", "64", "--batchsize", "2", "--device", "cpu"])
     stdout, stderr = capfd.readouterr()

@@ -46,3 +46,17 @@ def test_test_py_starts_without_the_model_libraries():
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_train_py_loads_the_metrics_libraries_only_to_validate():
+    """A run without --val_path never computes a metric: train.py's start-up must not import pysodmetrics or
+    scikit-learn (most of a second per run and per DDP process)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, train; from pipelines.training import loop; "
+             "print(sorted(m for m in ('py_sod_metrics', 'sklearn', 'utils.metrics') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

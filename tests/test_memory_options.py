@@ -41,8 +41,8 @@ def cli(split: Path, save_root: Path, name: str, *extra: str) -> list[str]:
 
 
 def load(path: Path) -> dict:
-    """A training checkpoint as users read it."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A training checkpoint as users read it (mapped: its 1.3 GB are not copied to be compared)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def trainer(split: Path, tmp_path: Path, **options) -> Trainer:

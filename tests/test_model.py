@@ -11,7 +11,7 @@ import timm
 import torch
 from torchvision.models import resnet50
 
-from lib import CheckpointError, FSANet, load_checkpoint, load_pretrained_encoders
+from lib import CheckpointError, FSANet, fsanet_from_checkpoint, load_checkpoint, load_pretrained_encoders
 from lib.checkpoint import convert_release_state_dict
 from lib.frequency import highpass_mask
 
@@ -136,6 +136,18 @@ def test_every_checkpoint_layout_loads(layout, model, target, tmp_path):
     load_checkpoint(target, tmp_path / "ckpt.pth")
     loaded = target.state_dict()
     assert all(torch.equal(loaded[k], source[k]) for k in source)
+
+
+def test_a_model_built_from_a_checkpoint_equals_one_initialised_then_loaded(release_checkpoint, target):
+    """test.py and export.py build the model straight from the checkpoint (no random draws to discard): the same
+    tensors, on the CPU, and the caller's random stream untouched."""
+    loaded = load_checkpoint(target, release_checkpoint).state_dict()
+    rng = torch.random.get_rng_state()
+    built = fsanet_from_checkpoint(release_checkpoint)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    state = built.state_dict()
+    assert state.keys() == loaded.keys()
+    assert all(v.device.type == "cpu" and torch.equal(v, loaded[k]) for k, v in state.items())
 
 
 def _save_modified(model: FSANet, path: Path, change) -> Path:

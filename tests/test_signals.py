@@ -99,6 +99,32 @@ def test_sigterm_while_saving_leaves_no_temp_file(tmp_path: Path) -> None:
     assert target.read_bytes() == b"the previous checkpoint" and not temp_files(tmp_path)
 
 
+def test_sigterm_while_torch_writes_the_tensors_is_an_interrupt_not_a_full_disk(tmp_path: Path) -> None:
+    """The signal lands in a write PyTorch's C++ writer makes (the tensors' bytes, after pickling): its
+    "unexpected pos" error must not turn the stop into a failed save (once read as a full disk, exit 1)."""
+    target = tmp_path / "last.pth"
+    target.write_bytes(b"the previous checkpoint")
+    code = ("import io, os, signal, sys, torch\n"
+            "import utils.atomic\n"
+            "from pipelines.cli import run_cli\n"
+            "from utils.atomic import atomic_torch_save\n"
+            "class SignalledOnThirdWrite(io.FileIO):\n"
+            "    writes = 0\n"
+            "    def write(self, data):\n"
+            "        SignalledOnThirdWrite.writes += 1\n"
+            "        if SignalledOnThirdWrite.writes == 3:\n"  # a tensor record: the handler runs in this frame
+            "            os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        return super().write(data)\n"
+            "utils.atomic.open = lambda path, mode: SignalledOnThirdWrite(path, mode)\n"
+            "state = {'w': torch.zeros(1_000_000), 'v': torch.ones(1_000_000)}\n"
+            f"sys.exit(run_cli(lambda: atomic_torch_save(state, {str(target)!r}), lambda: 'save stopped'))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=stoppable)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "interrupted (SIGTERM): save stopped"
+    assert target.read_bytes() == b"the previous checkpoint" and not temp_files(tmp_path)
+
+
 @pytest.mark.slow
 def test_sighup_in_test_py_reports_maps_written(release_checkpoint: Path, tmp_path: Path) -> None:
     proc, out = maps_being_written(release_checkpoint, tmp_path, stoppable)
@@ -205,3 +231,15 @@ def test_a_signal_inside_a_librarys_fork_hook_still_stops_the_run() -> None:
             "os.register_at_fork(before=library_hook)\n")
     done = run_with_a_forked_child(hook, "lambda: None", "time.sleep(10)")
     assert done.returncode == 143 and done.stderr == "interrupted (SIGTERM): stopped\n", done.stderr
+
+
+def test_exit_process_keeps_the_code_the_output_and_the_exit_handlers(tmp_path):
+    """The scripts end through exit_process (no final garbage collection): the exit status, unflushed output
+    and atexit handlers are as sys.exit leaves them."""
+    marker = tmp_path / "atexit_ran"
+    probe = (f"import atexit, pathlib, sys; from pipelines.cli import exit_process; "
+             f"atexit.register(pathlib.Path({str(marker)!r}).touch); "
+             f"sys.stdout.write('no newline'); sys.stderr.write('err'); exit_process(3)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "no newline", "err")
+    assert marker.exists()

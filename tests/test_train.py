@@ -56,8 +56,8 @@ def cli_args(train_path: Path, save_root: Path, name: str, *extra: str) -> list[
 
 
 def load(path: Path) -> dict:
-    """A training checkpoint, read the way users read it."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A training checkpoint, read the way users read it (mapped: its 1.3 GB are not copied to be compared)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def parameter_names() -> list[str]:

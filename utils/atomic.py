@@ -52,7 +52,14 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         # Through a Python file object a full disk raises OSError(ENOSPC); given a path, torch's own
         # writer reports it as "[enforce fail at inline_container.cc] unexpected pos".
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:
+            # Ctrl-C or SIGTERM inside a write the C++ writer called: it reports "unexpected pos" (read as a full
+            # disk) with the interrupt as its context; the interrupt is what happened.
+            if isinstance(err.__context__, KeyboardInterrupt):
+                raise err.__context__ from None
+            raise
 
 
 # mkstemp's names for atomic_path: ".<target name>.<writer pid>.<8 random characters>.tmp" (older

@@ -144,10 +144,10 @@ def cache_key(fields: dict[str, object]) -> str:
 
 def export_checkpoint(spec: ExportSpec, weights: bytes, path: Path) -> float:
     """Build FSANet from the checkpoint bytes `weights` (weights_only) and write its ONNX export to `path`."""
-    from lib import FSANet, load_checkpoint
+    from lib import fsanet_from_checkpoint
     from utils.onnx_export import ExportError, export_onnx
 
-    model = load_checkpoint(FSANet(freq_encoder=spec.freq_encoder), weights, str(spec.checkpoint))
+    model = fsanet_from_checkpoint(weights, spec.freq_encoder, str(spec.checkpoint))
     try:
         return export_onnx(model, path, spec.testsize)
     except (ExportError, ImportError) as e:

@@ -63,7 +63,6 @@ from pipelines.training.reproducibility import (
     set_rng_state,
     tensors_digest,
 )
-from pipelines.training.validation import validate
 from utils.atomic import check_writable_dir, remove_stale_temps
 from utils.data import EvalDataset, TrainDataset, train_collate
 from utils.device import autocast
@@ -250,9 +249,11 @@ class Trainer:
         return self.state
 
     def close_writer(self) -> None:
-        """Flush and close the TensorBoard writer (rank 0)."""
+        """Flush and close the TensorBoard writer (rank 0); nothing is logged after (a closed SummaryWriter given a
+        scalar opens a new event file whose flushing thread nobody stops)."""
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
     def train_epoch(self, epoch: int) -> None:
         """One epoch at the poly learning rate of `epoch`: three optimiser steps per batch."""
@@ -409,7 +410,8 @@ class Trainer:
             metrics = self.validate()
             log.info("epoch %d validation: maxF %.4f, MAE %.4f", epoch, metrics["maxF"], metrics["MAE"])
             for name, value in metrics.items():
-                self.writer.add_scalar(f"val/{name}", value, self.state.step)
+                if self.writer is not None:
+                    self.writer.add_scalar(f"val/{name}", value, self.state.step)
             improved = metrics["maxF"] > self.state.best_maxf
             if improved:
                 self.state.best_maxf = metrics["maxF"]
@@ -419,6 +421,10 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """maxF and MAE on the validation split at GT size, as test.py maps P1."""
+        # Here, not at the top: the metrics' libraries (pysodmetrics pulls in scikit-learn, most of a second)
+        # load only in runs that validate.
+        from pipelines.training.validation import validate
+
         model = unwrap_model(self.net)
         try:
             return validate(model, self.val_set, self.cfg.batchsize, self.cfg.num_workers, self.device, self.cfg.amp,

@@ -249,8 +249,7 @@ class Trainer:
         return self.state
 
     def close_writer(self) -> None:
-        """Flush and close the TensorBoard writer (rank 0); nothing is logged after (a closed SummaryWriter given a
-        scalar opens a new event file whose flushing thread nobody stops)."""
+        """Flush and close the TensorBoard writer (rank 0); log nothing after (a closed one would reopen, unstopped)."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -421,9 +420,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """maxF and MAE on the validation split at GT size, as test.py maps P1."""
-        # Here, not at the top: the metrics' libraries (pysodmetrics pulls in scikit-learn, most of a second)
-        # load only in runs that validate.
-        from pipelines.training.validation import validate
+        from pipelines.training.validation import validate  # here: its metrics' libraries take most of a second
 
         model = unwrap_model(self.net)
         try:

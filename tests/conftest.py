@@ -222,6 +222,9 @@ def export_script_run(release_checkpoint: Path, session_dir: Path) -> Callable[[
                 code = export_script.main(["--pth_path", str(release_checkpoint), "--testsize", str(size),
                                            "--output", str(path)])
             runs[size] = ExportRun(code, out.getvalue(), err.getvalue(), path)
+            # The exporter's registries and caches stay for the session (~480,000 objects): freeze them too.
+            gc.collect()
+            gc.freeze()
         return runs[size]
     return run
 

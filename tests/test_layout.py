@@ -36,27 +36,38 @@ def test_no_source_module_is_over_the_size_of_one_idea():
     assert not {k: n for k, n in sizes.items() if n > MAX_LINES}
 
 
-@pytest.mark.slow
-def test_test_py_starts_without_the_model_libraries():
-    """test.py's OpenVINO path never builds the PyTorch model: importing it must not pull in timm or torchvision."""
+# What a script's start-up imports, probed in one fresh interpreter: test.py first, then train.py on top.
+STARTUP_PROBE = """
+import json, sys
+import test
+after_test = sorted(m for m in ('timm', 'torchvision') if m in sys.modules)
+import train
+from pipelines.training import loop
+after_train = sorted(m for m in ('py_sod_metrics', 'sklearn', 'utils.metrics') if m in sys.modules)
+print(json.dumps([after_test, after_train]))
+"""
+
+
+@pytest.fixture(scope="module")
+def startup_imports() -> tuple[list[str], list[str]]:
+    """(model libraries test.py imported, metrics libraries train.py and its loop imported), from a new process."""
+    import json
     import subprocess
     import sys
 
-    probe = "import sys, test; print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))"
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", STARTUP_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    return tuple(json.loads(done.stdout))
 
 
 @pytest.mark.slow
-def test_train_py_loads_the_metrics_libraries_only_to_validate():
+def test_test_py_starts_without_the_model_libraries(startup_imports):
+    """test.py's OpenVINO path never builds the PyTorch model: importing it must not pull in timm or torchvision."""
+    assert startup_imports[0] == []
+
+
+@pytest.mark.slow
+def test_train_py_loads_the_metrics_libraries_only_to_validate(startup_imports):
     """A run without --val_path never computes a metric: train.py's start-up must not import pysodmetrics or
     scikit-learn (most of a second per run and per DDP process)."""
-    import subprocess
-    import sys
-
-    probe = ("import sys, train; from pipelines.training import loop; "
-             "print(sorted(m for m in ('py_sod_metrics', 'sklearn', 'utils.metrics') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert startup_imports[1] == []

@@ -416,10 +416,14 @@ def test_cut_jpeg_skipped_in_workers_then_full_disk(tiny_split: Path, tmp_path: 
 def test_cut_jpeg_with_on_bad_error_stops_with_a_true_message(tiny_split: Path, capsys) -> None:
     """In a DataLoader worker, as train.py loads it: one true line (not 'changed after indexing'), exit 1."""
     dataset = TrainDataset(tiny_split, trainsize=32, on_bad="error")  # indexing passes: headers are fine
-    loader = DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=train_collate, timeout=120)
-    assert run_cli(lambda: len(list(loader))) == 1
+    batches = iter(DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=train_collate, timeout=120))
+    assert run_cli(lambda: len(list(batches))) == 1
     line = one_error_line(capsys.readouterr().err, "cut.jpg", "--on_bad skip")
     assert "changed after" not in line and "DataLoader" not in line
+    # Freed after a worker's error, torch's iterator waits 5 s (MP_STATUS_CHECK_INTERVAL) for that worker to end
+    # (train.py's process ends without freeing it): end the worker here, not in a later test's collection.
+    for worker in batches._workers:
+        worker.terminate()
 
 
 @pytest.mark.slow

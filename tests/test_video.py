@@ -176,7 +176,7 @@ def test_ctrl_c_keeps_a_playable_video_of_the_frames_written(release_checkpoint:
     deadline = time.monotonic() + 300
     while not (out / "long.mp4").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    time.sleep(2.0)  # some more frames
+    time.sleep(0.5)  # some more frames
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr

@@ -78,51 +78,45 @@ def test_run_cli_maps_stop_signals_to_their_exit_codes(capsys) -> None:
     assert isinstance(Interrupted(signal.SIGTERM), KeyboardInterrupt)  # every Ctrl-C path runs for it
 
 
+def assert_save_stopped_by_sigterm(tmp_path: Path, setup: str, state: str) -> None:
+    """A child saves `state` over an older last.pth with atomic_torch_save inside run_cli, after `setup` (which
+    arranges the SIGTERM): exit 143, the interrupted line, the old file kept, no temp file."""
+    target = tmp_path / "last.pth"
+    target.write_bytes(b"the previous checkpoint")
+    code = (f"import io, os, signal, sys, torch\nimport utils.atomic\nfrom pipelines.cli import run_cli\n"
+            f"from utils.atomic import atomic_torch_save\n{setup}state = {state}\n"
+            f"sys.exit(run_cli(lambda: atomic_torch_save(state, {str(target)!r}), lambda: 'save stopped'))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=stoppable)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "interrupted (SIGTERM): save stopped"
+    assert target.read_bytes() == b"the previous checkpoint" and not temp_files(tmp_path)
+
+
 @pytest.mark.slow
 def test_sigterm_while_saving_leaves_no_temp_file(tmp_path: Path) -> None:
     """The signal arrives inside torch.save of a checkpoint: exit 143, the old file kept, no temp file."""
-    target = tmp_path / "last.pth"
-    target.write_bytes(b"the previous checkpoint")
-    code = ("import os, signal, sys, torch\n"
-            "from pipelines.cli import run_cli\n"
-            "from utils.atomic import atomic_torch_save\n"
-            "class Stop:\n"
-            "    def __reduce__(self):\n"  # pickled mid-write: the signal lands inside torch.save
-            "        os.kill(os.getpid(), signal.SIGTERM)\n"
-            "        return (int, (0,))\n"
-            "state = {'w': torch.zeros(1_000_000), 'stop': Stop(), 'v': torch.ones(1_000_000)}\n"
-            f"sys.exit(run_cli(lambda: atomic_torch_save(state, {str(target)!r}), lambda: 'save stopped'))\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          preexec_fn=stoppable)
-    assert done.returncode == 143, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == "interrupted (SIGTERM): save stopped"
-    assert target.read_bytes() == b"the previous checkpoint" and not temp_files(tmp_path)
+    assert_save_stopped_by_sigterm(tmp_path, (
+        "class Stop:\n"
+        "    def __reduce__(self):\n"  # pickled mid-write: the signal lands inside torch.save
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        return (int, (0,))\n"), "{'w': torch.zeros(1_000_000), 'stop': Stop(), 'v': torch.ones(1_000_000)}")
 
 
+@pytest.mark.slow
 def test_sigterm_while_torch_writes_the_tensors_is_an_interrupt_not_a_full_disk(tmp_path: Path) -> None:
     """The signal lands in a write PyTorch's C++ writer makes (the tensors' bytes, after pickling): its
     "unexpected pos" error must not turn the stop into a failed save (once read as a full disk, exit 1)."""
-    target = tmp_path / "last.pth"
-    target.write_bytes(b"the previous checkpoint")
-    code = ("import io, os, signal, sys, torch\n"
-            "import utils.atomic\n"
-            "from pipelines.cli import run_cli\n"
-            "from utils.atomic import atomic_torch_save\n"
-            "class SignalledOnThirdWrite(io.FileIO):\n"
-            "    writes = 0\n"
-            "    def write(self, data):\n"
-            "        SignalledOnThirdWrite.writes += 1\n"
-            "        if SignalledOnThirdWrite.writes == 3:\n"  # a tensor record: the handler runs in this frame
-            "            os.kill(os.getpid(), signal.SIGTERM)\n"
-            "        return super().write(data)\n"
-            "utils.atomic.open = lambda path, mode: SignalledOnThirdWrite(path, mode)\n"
-            "state = {'w': torch.zeros(1_000_000), 'v': torch.ones(1_000_000)}\n"
-            f"sys.exit(run_cli(lambda: atomic_torch_save(state, {str(target)!r}), lambda: 'save stopped'))\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          preexec_fn=stoppable)
-    assert done.returncode == 143, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == "interrupted (SIGTERM): save stopped"
-    assert target.read_bytes() == b"the previous checkpoint" and not temp_files(tmp_path)
+    assert_save_stopped_by_sigterm(tmp_path, (
+        "class SignalledOnThirdWrite(io.FileIO):\n"
+        "    writes = 0\n"
+        "    def write(self, data):\n"
+        "        SignalledOnThirdWrite.writes += 1\n"
+        "        if SignalledOnThirdWrite.writes == 3:\n"  # a tensor record: the handler runs in this frame
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        return super().write(data)\n"
+        "utils.atomic.open = lambda path, mode: SignalledOnThirdWrite(path, mode)\n"),
+        "{'w': torch.zeros(1_000_000), 'v': torch.ones(1_000_000)}")
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import logging
 import math
 import os
@@ -16,12 +17,14 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from types import FrameType
+from pathlib import Path
+from types import FrameType, ModuleType
 from typing import Any, NoReturn
 
 from utils.errors import EXIT_INTERRUPTED, FSANetError, one_line
 
 log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
 
 # Ctrl-C; schedulers (SLURM, `timeout`, `kill PID`) stop a job with SIGTERM; a closed terminal sends SIGHUP.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -145,6 +148,15 @@ def exit_code_of(interrupt: KeyboardInterrupt) -> int:
     return 128 + interrupt.signum if isinstance(interrupt, Interrupted) else EXIT_INTERRUPTED
 
 
+def interrupt_for(code: int) -> KeyboardInterrupt | None:
+    """The interrupt a script's exit code says stopped it (exit_code_of's inverse), None for any other code."""
+    if code == EXIT_INTERRUPTED:
+        return KeyboardInterrupt()
+    if code - 128 in (signal.SIGTERM, signal.SIGHUP):
+        return Interrupted(code - 128)
+    return None
+
+
 def run_cli(body: Callable[[], int], interrupted: Callable[[], str] | None = None) -> int:
     """Run a script's body: FSANetError -> `error: <message>` and its exit code; Ctrl-C, SIGTERM, SIGHUP -> one
     line (`interrupted` says what was done) and 130, 143, 129."""
@@ -163,6 +175,16 @@ def run_cli(body: Callable[[], int], interrupted: Callable[[], str] | None = Non
             with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
                 print(f"interrupted{how}{': ' + done if done else ''}", file=sys.stderr, flush=True)
         return exit_code_of(stop)
+
+
+def load_script(name: str) -> ModuleType:
+    """The project's top-level script `name` (e.g. "test.py") as a new module, loaded from its file without
+    running it (`import test` would find Python's own test package)."""
+    path = ROOT / name
+    spec = importlib.util.spec_from_file_location(f"fsanet_{path.stem}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def exit_process(code: int) -> NoReturn:

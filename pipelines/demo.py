@@ -9,25 +9,22 @@ instead of five times.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
-import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import torch
 
 from lib import FSANet
 from lib.frequency import scaled_radius
-from pipelines.cli import Interrupted
+from pipelines.cli import interrupt_for, load_script
 from utils.atomic import atomic_torch_save
 from utils.dis5k import EVAL_SPLITS
-from utils.errors import EXIT_INTERRUPTED, RunError
+from utils.errors import RunError
 from utils.metrics import FIELD_METRICS
 from utils.synthetic import generate_dataset
 
@@ -65,25 +62,15 @@ def demo_radius(args: argparse.Namespace) -> float:
     return scaled_radius(args.trainsize) if args.radius is None else args.radius
 
 
-def script_main(name: str) -> Callable[[list[str]], int]:
-    """`main` of the project's script `name`.py, loaded from its file (`test` would otherwise find Python's own
-    test package)."""
-    spec = importlib.util.spec_from_file_location(f"fsanet_{name}_script", ROOT / f"{name}.py")
-    module: ModuleType = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def run_script(script: str, *args: str) -> None:
     """Run one of the project's scripts, as `python <script> <args>` would; stop the demo if it fails.
 
     A script stopped by Ctrl-C, SIGTERM or SIGHUP has said what it did; the demo stops the same way."""
     log.info("$ python %s", " ".join((script, *args)))
-    code = script_main(Path(script).stem)(list(args))
-    if code == EXIT_INTERRUPTED:
-        raise KeyboardInterrupt
-    if code - 128 in (signal.SIGTERM, signal.SIGHUP):
-        raise Interrupted(code - 128)
+    code = load_script(script).main(list(args))
+    interrupt = interrupt_for(code)
+    if interrupt is not None:
+        raise interrupt
     if code:
         raise RunError(f"the demo stopped: `python {script} {' '.join(args)}` exited with status {code} "
                        "(its messages are above)")

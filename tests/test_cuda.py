@@ -6,7 +6,6 @@ a GPU checkpoint read on a CPU-only process, DataParallel over every visible GPU
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from torch import nn
 
 import train
 from lib import FSANet, load_checkpoint
+from pipelines.cli import load_script
 from pipelines.gpu_check import FIGURES_ENV
 from pipelines.training import TrainConfig, Trainer
 from pipelines.training.reproducibility import tensors_digest
@@ -122,10 +122,7 @@ def test_cuda_forward_matches_the_release_fixture(release_checkpoint, reference_
 
 def run_test_py(*args: str | os.PathLike) -> int:
     """test.py's main() in this process (the user's code path without a new interpreter)."""
-    spec = importlib.util.spec_from_file_location("fsanet_test_cli", ROOT / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(a) for a in args])
+    return load_script("test.py").main([str(a) for a in args])
 
 
 def read_maps(folder: Path) -> dict[str, np.ndarray]:

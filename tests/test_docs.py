@@ -21,6 +21,8 @@ from unittest import mock
 import pytest
 from conftest import ROOT
 
+from pipelines import cli
+
 SCRIPTS = ("train.py", "test.py", "eval.py", "export.py", "benchmark.py", "gpu_check.py", "demo.py")
 MODULES = ("utils.synthetic",)  # run as `python -m <module>`
 PYTHONS = {"python", "python3", ".venv/bin/python"}
@@ -82,10 +84,7 @@ def load_script(name: str) -> ModuleType:
     """One of the top-level scripts (or a `-m` module), imported without running it."""
     if name in MODULES:
         return importlib.import_module(name)
-    spec = importlib.util.spec_from_file_location(f"fsanet_docs_{Path(name).stem}", ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return cli.load_script(name)
 
 
 class _Captured(Exception):

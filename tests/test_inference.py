@@ -2,7 +2,6 @@
 resuming, and the one-line errors. Runs the real FSANet on CPU at small test sizes."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 from pathlib import Path
@@ -11,10 +10,11 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script_main
+from conftest import run_script_main
 from PIL import Image, ImageOps
 
 from pipelines import inference
+from pipelines.cli import load_script
 
 SMALL = "64"  # test size for everything except the release comparison, which is pinned at 256
 
@@ -160,10 +160,7 @@ def test_skip_existing_leaves_existing_maps_alone(release_checkpoint: Path, tmp_
 
 def load_test_script() -> ModuleType:
     """test.py as a module (not importable by name: the standard library owns `test`)."""
-    spec = importlib.util.spec_from_file_location("fsanet_test_script", ROOT / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("test.py")
 
 
 def assert_one_error_line(returncode: int, stderr: str, *needles: str) -> None:

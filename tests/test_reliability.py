@@ -30,7 +30,7 @@ import train
 from lib import FSANet
 from lib.checkpoint import CheckpointError, check_compatible, torch_load_weights
 from pipelines import inference
-from pipelines.cli import run_cli
+from pipelines.cli import load_script, run_cli
 from pipelines.training.checkpointing import CheckpointSaveError, RunState, save_checkpoint
 from pipelines.training.config import TrainConfig, check_config
 from utils import atomic
@@ -146,7 +146,7 @@ def test_test_py_unwritable_save_root_is_refused_before_the_model(tmp_path: Path
     photos = tmp_path / "photos"
     photos.mkdir()
     rotated_photo(photos / "x.jpg")
-    script = _test_script()
+    script = load_script("test.py")
     blocker = tmp_path / "file"
     blocker.write_text("")
     # The checkpoint does not exist: refusing before it is read proves no work was done.
@@ -189,15 +189,6 @@ def stopped_by(proc: subprocess.Popen, seen: list[str], signum: int) -> str:
     rest = proc.stderr.read()
     proc.wait(timeout=120)
     return "".join(seen) + rest
-
-
-def _test_script():
-    """test.py as a module (the standard library owns the name `test`)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("fsanet_test_script_rel", ROOT / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_stale_temps_removed_and_empty_maps_redone(release_model: torch.nn.Module, tmp_path: Path, caplog) -> None:

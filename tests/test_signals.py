@@ -20,7 +20,7 @@ from test_reliability import (  # noqa: F401  (tiny_split: a fixture)
     train_py_running,
 )
 
-from pipelines.cli import Interrupted, run_cli
+from pipelines.cli import Interrupted, exit_code_of, interrupt_for, run_cli
 
 
 def stoppable() -> None:
@@ -76,6 +76,14 @@ def test_run_cli_maps_stop_signals_to_their_exit_codes(capsys) -> None:
     assert capsys.readouterr().err == "interrupted (SIGHUP)\n"
     assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)] == before  # handlers restored
     assert isinstance(Interrupted(signal.SIGTERM), KeyboardInterrupt)  # every Ctrl-C path runs for it
+
+
+def test_an_exit_code_names_the_interrupt_that_stopped_a_script() -> None:
+    """The demo runs the scripts' mains and stops as they were stopped: interrupt_for inverts exit_code_of."""
+    for stop in (KeyboardInterrupt(), Interrupted(signal.SIGTERM), Interrupted(signal.SIGHUP)):
+        again = interrupt_for(exit_code_of(stop))
+        assert type(again) is type(stop) and getattr(again, "signum", None) == getattr(stop, "signum", None)
+    assert [interrupt_for(code) for code in (0, 1, 2, 137)] == [None] * 4
 
 
 def assert_save_stopped_by_sigterm(tmp_path: Path, setup: str, state: str) -> None:

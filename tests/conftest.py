@@ -61,11 +61,16 @@ if "PYTEST_DEBUG_TEMPROOT" not in os.environ and (_memory := memory_temp_root())
     os.environ["PYTEST_DEBUG_TEMPROOT"] = str(_memory)
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Freeze what importing the tests' libraries created (torch, timm, onnx, OpenVINO: ~10^6 objects): every
-    full garbage collection of the run, run_cli's after an interrupt among them, would trace them again."""
+def freeze_what_lives_on() -> None:
+    """Collect, then freeze what is left for the rest of the session: every later full garbage collection of the
+    run, run_cli's after an interrupt among them, would trace those objects again."""
     gc.collect()
     gc.freeze()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Freeze what importing the tests' libraries created (torch, timm, onnx, OpenVINO: ~10^6 objects)."""
+    freeze_what_lives_on()
 
 
 @pytest.fixture(scope="session")
@@ -222,9 +227,7 @@ def export_script_run(release_checkpoint: Path, session_dir: Path) -> Callable[[
                 code = export_script.main(["--pth_path", str(release_checkpoint), "--testsize", str(size),
                                            "--output", str(path)])
             runs[size] = ExportRun(code, out.getvalue(), err.getvalue(), path)
-            # The exporter's registries and caches stay for the session (~480,000 objects): freeze them too.
-            gc.collect()
-            gc.freeze()
+            freeze_what_lives_on()  # the exporter's registries and caches (~480,000 objects)
         return runs[size]
     return run
 

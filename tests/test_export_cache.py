@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import ROOT
 
+from pipelines.cli import load_script
 from utils import cache_keys, export_cache, onnx_export, runtimes
 
 SIZE = 32
@@ -431,7 +432,6 @@ def test_test_py_on_a_full_cache_disk_writes_the_maps_with_one_warning(release_c
                                                                        capsys: pytest.CaptureFixture,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     """Issue 22, item 9: the ONNX save hits ENOSPC (cache and temporary folder): PyTorch writes the maps."""
-    from tests.test_inference import load_test_script
 
 
     def full_disk(model: torch.nn.Module, path: Path, testsize: int, **kwargs) -> float:
@@ -443,7 +443,7 @@ def test_test_py_on_a_full_cache_disk_writes_the_maps_with_one_warning(release_c
     args = ["--pth_path", str(release_checkpoint), "--input", str(one_photo), "--testsize", "128", "--device", "cpu",
             "--save_root", str(tmp_path / "maps"), "--cache_dir", str(tmp_path / "cache")]
     with caplog.at_level(logging.WARNING):
-        assert load_test_script().main(args) == 0
+        assert load_script("test.py").main(args) == 0
     assert (tmp_path / "maps" / "x.png").is_file()
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "no space left on device" in warnings[0]
@@ -457,7 +457,6 @@ def test_test_py_with_an_unusable_cache_dir_leaves_no_temporary_folder(kind: str
                                                                         one_photo: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 22, item 9: a `--cache_dir` that is a file or read-only costs no run and leaves no /tmp folder."""
-    from tests.test_inference import load_test_script
 
     cache = tmp_path / "cache"
     if kind == "file":
@@ -469,7 +468,7 @@ def test_test_py_with_an_unusable_cache_dir_leaves_no_temporary_folder(kind: str
     monkeypatch.setattr(export_cache, "export_checkpoint", tiny_exporter(calls))
     args = ["--pth_path", str(radius_ckpt), "--input", str(one_photo), "--testsize", str(SIZE), "--device", "cpu",
             "--save_root", str(tmp_path / "maps"), "--cache_dir", str(cache), "--runtime", "openvino"]
-    assert load_test_script().main(args) == 0
+    assert load_script("test.py").main(args) == 0
     assert (tmp_path / "maps" / "x.png").is_file() and len(calls) == 1
     assert not list(private_tmp.iterdir())  # no fsanet-cache-* folder left behind
 

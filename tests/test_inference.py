@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ def run_test_py(capsys: pytest.CaptureFixture, *args: str | os.PathLike) -> subp
     start-up; the PyTorch runtime unless `--runtime` is given): its exit status, stdout and stderr."""
     # `auto` would export every test's fresh checkpoint to ONNX first; tests/test_runtimes.py covers that.
     runtime = () if "--runtime" in map(str, args) else ("--runtime", "torch")
-    return run_script_main(capsys, load_test_script().main, [*map(str, args), *runtime])
+    return run_script_main(capsys, load_script("test.py").main, [*map(str, args), *runtime])
 
 
 def read_map(path: Path) -> np.ndarray:
@@ -158,11 +157,6 @@ def test_skip_existing_leaves_existing_maps_alone(release_checkpoint: Path, tmp_
     assert "1 skipped" in result.stdout
 
 
-def load_test_script() -> ModuleType:
-    """test.py as a module (not importable by name: the standard library owns `test`)."""
-    return load_script("test.py")
-
-
 def assert_one_error_line(returncode: int, stderr: str, *needles: str) -> None:
     """Exit 2 with a single `error: ...` line on stderr naming what is wrong."""
     assert returncode == 2, (returncode, stderr)
@@ -174,7 +168,7 @@ def assert_one_error_line(returncode: int, stderr: str, *needles: str) -> None:
 
 def run_main(capsys: pytest.CaptureFixture, *args: str | os.PathLike) -> tuple[int, str]:
     """test.py's main() in this process (saves the interpreter start-up): exit status and stderr."""
-    code = load_test_script().main([str(a) for a in args])
+    code = load_script("test.py").main([str(a) for a in args])
     return code, capsys.readouterr().err
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_inference import load_test_script
 
 import train
 from lib import FSANet
 from lib.frequency import kept_fraction, scaled_radius
 from pipelines import inference
+from pipelines.cli import load_script
 from pipelines.demo import demo_radius
 from pipelines.demo import parse_args as demo_args
 from pipelines.inference import load_model, warn_narrow_band
@@ -128,7 +128,7 @@ def test_test_py_run_warns_about_a_release_radius_at_128(runtime, release_radius
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(photos / "a.png")
-    script = load_test_script()
+    script = load_script("test.py")
 
     def unavailable(*args, **kwargs):
         raise RuntimeUnavailable("--runtime openvino: the openvino package is not installed")

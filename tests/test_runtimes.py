@@ -18,6 +18,7 @@ from conftest import ROOT
 from PIL import Image
 
 from pipelines import inference
+from pipelines.cli import load_script
 from utils import cutout, export_cache, onnx_export, runtimes
 
 SIZE = 256  # infer_case's size: the one export serves the runner tests and the map comparison
@@ -206,9 +207,8 @@ def test_test_py_auto_falls_back_and_explicit_exits_2(release_checkpoint: Path, 
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    from tests.test_inference import load_test_script
 
-    script = load_test_script()
+    script = load_script("test.py")
 
     def unavailable(*args, **kwargs):
         raise runtimes.RuntimeUnavailable("--runtime openvino: the openvino package is not installed")

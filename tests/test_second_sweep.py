@@ -13,7 +13,7 @@ import onnx
 import pytest
 from PIL import Image
 from test_eval import make_layout, read_pair
-from test_reliability import SMALL, _test_script, one_error_line, read_only_folder
+from test_reliability import SMALL, one_error_line, read_only_folder
 
 import benchmark
 import eval as eval_script
@@ -21,6 +21,7 @@ import export
 import gpu_check
 import train
 from pipelines import eval_reports
+from pipelines.cli import load_script
 from utils.errors import FSANetError
 from utils.imageio import ImageReadError, image_size, list_images, read_map, read_rgb
 from utils.metrics import DISMetrics, image_summary
@@ -149,7 +150,7 @@ def test_eval_names_and_metrics(tmp_path: Path, reference_dir: Path, capsys) -> 
     one_error_line(capsys.readouterr().err, f"--pred_root {a_file}", "is a file, not a folder")
     assert eval_script.main(["--gt_root", str(a_file), "--pred_root", str(pred_root), "--datasets", "case"]) == 2
     one_error_line(capsys.readouterr().err, f"--gt_root {a_file}", "is a file, not a folder")
-    script = _test_script()
+    script = load_script("test.py")
     assert script.main(["--pth_path", str(tmp_path / "unused.pth"), "--input", str(a_file)]) == 2
     one_error_line(capsys.readouterr().err, f"--input {a_file}", "is a file, not a folder")
 
@@ -228,8 +229,9 @@ def test_broken_links_make_test_py_exit_1(release_checkpoint: Path, tmp_path: Pa
     Image.fromarray(np.full((48, 40, 3), 90, np.uint8)).save(photos / "good.png")
     (photos / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
     (photos / "loop.png").symlink_to(photos / "loop.png")
-    code = _test_script().main(["--pth_path", str(release_checkpoint), "--input", str(photos), "--save_root", str(out),
-                                "--testsize", SMALL, "--device", "cpu", "--runtime", "torch"])
+    code = load_script("test.py").main(["--pth_path", str(release_checkpoint), "--input", str(photos),
+                                        "--save_root", str(out), "--testsize", SMALL, "--device", "cpu",
+                                        "--runtime", "torch"])
     captured = capsys.readouterr()
     assert code == 1
     assert "1 maps written" in captured.out and "2 failed" in captured.out

@@ -1,6 +1,9 @@
 """The frequency branch's input: a high-pass image made with an FFT and a circular mask."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -53,6 +56,7 @@ class FrequencyFilter(nn.Module):
         self.radius = nn.Parameter(torch.tensor([float(radius)]))
         self.cache_mask = cache_mask
         self._masks: dict[tuple, tuple] = {}
+        self._fixed: torch.Tensor | None = None
 
     def _radius_version(self) -> int | None:
         """The radius' in-place write counter (None for inference tensors, which cannot be written)."""
@@ -63,6 +67,8 @@ class FrequencyFilter(nn.Module):
 
     def mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """The mask for this size and device, built once per (H, W, radius, device)."""
+        if self._fixed is not None:
+            return self._fixed
         if not self.cache_mask:
             return highpass_mask(height, width, float(self.radius.detach().cpu()), device)
         # The version counter moves on every in-place write of the radius; only then is its value
@@ -82,6 +88,18 @@ class FrequencyFilter(nn.Module):
                 cached = (stamp, radius, cached[2])
             self._masks[key] = cached
         return cached[2]
+
+    @contextlib.contextmanager
+    def fixed_mask(self, height: int, width: int) -> Iterator[None]:
+        """Within: every call multiplies by the mask of this size and today's radius, held as a constant.
+
+        For torch.export's non-strict tracer, which sees the radius as a symbolic value it cannot read.
+        """
+        self._fixed = highpass_mask(height, width, float(self.radius.detach().cpu()), self.radius.device)
+        try:
+            yield
+        finally:
+            self._fixed = None
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         """Load as usual, then forget masks built for the old radius (replicas share this cache)."""

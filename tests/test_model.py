@@ -103,6 +103,19 @@ def test_frequency_mask_is_cached_and_follows_the_radius():
     assert updated.sum() > first.sum()
 
 
+@pytest.mark.parametrize("cache_mask", [True, False])
+def test_a_fixed_mask_gives_the_same_image_and_is_dropped_afterwards(cache_mask):
+    from lib.frequency import FrequencyFilter
+
+    flt = FrequencyFilter(6.0, cache_mask=cache_mask)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = flt(x)
+    with flt.fixed_mask(32, 32):
+        flt.load_state_dict({"radius": torch.tensor([2.0])})  # ignored inside: the graph's constant stays
+        assert torch.equal(flt(x), expected)
+    torch.testing.assert_close(flt.mask(32, 32, torch.device("cpu")), highpass_mask(32, 32, 2.0))
+    assert not torch.equal(flt(x), expected)
+
 def test_train_mode_gradients_and_fixed_radius():
     model = FSANet().train()
     outputs = model(torch.randn(2, 3, 64, 64))

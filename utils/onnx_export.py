@@ -1,9 +1,9 @@
 """Export FSANet.predict (P1 logits) to ONNX, and check the file under onnxruntime against PyTorch.
 
 The graph takes a B x 3 x S x S ImageNet-normalised float32 batch and returns B x 1 x S x S P1
-logits; the FFT high-pass filter is part of it. BatchNorm is folded first (the same arithmetic the
-PyTorch fast path runs), and the model is traced with torch.export in strict mode, which handles
-the filter's autocast guard that the exporter's first, non-strict attempt fails on.
+logits; the FFT high-pass filter is part of it, its mask a constant of the export's size. BatchNorm is
+folded first (the same arithmetic the PyTorch fast path runs), and the model is traced by torch.export
+in non-strict mode (its strict mode, through TorchDynamo, takes four times as long to trace).
 """
 from __future__ import annotations
 
@@ -71,12 +71,16 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
     return fold_batchnorm(model)
 
 
-def _clear_filter_masks(model: nn.Module) -> None:
-    """Forget high-pass masks cached while tracing: they may hold tracer tensors, not real ones."""
-    for module in model.modules():
-        masks = getattr(module, "_masks", None)
-        if isinstance(masks, dict):
-            masks.clear()
+@contextlib.contextmanager
+def _fixed_filter_masks(model: nn.Module, size: int) -> Iterator[None]:
+    """Within: the high-pass filters multiply by their S x S masks as constants of the graph."""
+    from lib.frequency import FrequencyFilter
+
+    with contextlib.ExitStack() as stack:
+        for module in model.modules():
+            if isinstance(module, FrequencyFilter):
+                stack.enter_context(module.fixed_mask(size, size))
+        yield
 
 
 @contextlib.contextmanager
@@ -109,17 +113,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, testsize: int, opset:
     batch = 2 if dynamic_batch else 1  # torch.export specialises a dimension traced at size 1
     example = (torch.randn(batch, 3, testsize, testsize),)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},) if dynamic_batch else None
-    # A mask cached by an earlier call carries a version stamp the tracer cannot compare; rebuild it inside.
-    _clear_filter_masks(model)
     try:
-        with torch.no_grad(), _quiet_exporter():
-            program = torch.export.export(graph, example, dynamic_shapes=dynamic, strict=True)
+        with torch.no_grad(), _quiet_exporter(), _fixed_filter_masks(graph, testsize):
+            program = torch.export.export(graph, example, dynamic_shapes=dynamic, strict=False)
             onnx_program = torch.onnx.export(program, example, dynamo=True, opset_version=opset,
                                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False)
     except Exception as e:  # torch.export and the ONNX translator raise many unrelated types
         raise ExportError(f"ONNX export failed at --testsize {testsize}: {str(e).splitlines()[0][:300]}") from None
-    finally:
-        _clear_filter_masks(model)
     onnx_program.save(str(path), external_data=external_data)
     return time.perf_counter() - start
 

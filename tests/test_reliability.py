@@ -380,6 +380,19 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: 
     assert torch.load(path, weights_only=True)["epoch"] == 1 and not temp_files(tmp_path)
 
 
+def test_checkpoints_skip_the_zip_crc32_and_still_load(tmp_path: Path) -> None:
+    import zipfile
+
+    path = tmp_path / "last.pth"
+    save_checkpoint({"epoch": 3, "w": torch.arange(1000.0)}, path)
+    with zipfile.ZipFile(path) as archive:
+        data = [info for info in archive.infolist() if "/data/" in info.filename]
+        assert data and all(info.CRC == 0 for info in data)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["epoch"] == 3 and torch.equal(loaded["w"], torch.arange(1000.0))
+    assert torch.serialization.get_crc32_options()  # other torch.save calls still write them
+
+
 @pytest.mark.slow
 def test_cut_jpeg_skipped_in_workers_then_full_disk(tiny_split: Path, tmp_path: Path, capsys, caplog,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:

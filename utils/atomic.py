@@ -49,7 +49,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save that leaves either the old file or the complete new one, never a partial one."""
     import torch  # here, not at the top: image and eval tools use this module without needing torch
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, _without_zip_crc32():
         # Through a Python file object a full disk raises OSError(ENOSPC); given a path, torch's own
         # writer reports it as "[enforce fail at inline_container.cc] unexpected pos".
         try:
@@ -60,6 +60,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             if isinstance(err.__context__, KeyboardInterrupt):
                 raise err.__context__ from None
             raise
+
+
+def _without_zip_crc32() -> contextlib.AbstractContextManager:
+    """torch.save without the CRC-32 of each archive entry: 0.7 s of CPU per 1.3 GB training checkpoint.
+
+    torch.load has never read them (PyTorch builds its zip reader without the check); only zip tools do.
+    """
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # older torch (no such setting) always writes them
+        return contextlib.nullcontext()
+    return config.patch({"save.compute_crc32": False})
 
 
 # mkstemp's names for atomic_path: ".<target name>.<writer pid>.<8 random characters>.tmp" (older

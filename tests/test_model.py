@@ -116,6 +116,7 @@ def test_a_fixed_mask_gives_the_same_image_and_is_dropped_afterwards(cache_mask)
     torch.testing.assert_close(flt.mask(32, 32, torch.device("cpu")), highpass_mask(32, 32, 2.0))
     assert not torch.equal(flt(x), expected)
 
+
 def test_train_mode_gradients_and_fixed_radius():
     model = FSANet().train()
     outputs = model(torch.randn(2, 3, 64, 64))

@@ -1,5 +1,6 @@
-"""From loader batches to optimiser batches: what a batch shrunk by undecodable files still trains, and
---accum_steps groups (a partly filled last group of an epoch is trained, not dropped)."""
+"""From loader batches to optimiser batches: what a batch shrunk by undecodable files still trains,
+--accum_steps groups (a partly filled last group of an epoch is trained, not dropped), and a batch at
+each rate's size."""
 from __future__ import annotations
 
 import logging
@@ -7,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from utils.distributed import DistContext, all_reduce_sum, replica_batch_sizes, trainable_batch
 
@@ -15,6 +17,14 @@ log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
 # What train_collate gives: the decodable images and masks (None when none) and why the others failed.
 LoaderBatch = tuple[torch.Tensor | None, torch.Tensor | None, list[str]]
+
+
+def resize_pair(images: torch.Tensor, gts: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear (align_corners=True) resize of images and masks to size x size, as the release."""
+    if images.shape[-2:] == (size, size):
+        return images, gts
+    resize = dict(size=(size, size), mode="bilinear", align_corners=True)
+    return F.interpolate(images, **resize), F.interpolate(gts, **resize)
 
 
 @dataclass

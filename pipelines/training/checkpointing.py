@@ -150,10 +150,15 @@ def is_training_checkpoint(ckpt: Any) -> bool:
     return isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT and "optimizer" in ckpt
 
 
-def resume(path: Path, model: nn.Module, optimizer: Optimizer, scaler: torch.amp.GradScaler,
+def read_pre_model(path: Path) -> Any:
+    """--pre_model's contents (weights only: nothing else is unpickled); errors name the file."""
+    return torch_load_weights(path)
+
+
+def resume(ckpt: Any, path: Path, model: nn.Module, optimizer: Optimizer, scaler: torch.amp.GradScaler,
            args: dict[str, Any], rank: int, world_size: int) -> Resumed:
-    """Load --pre_model: our checkpoint resumes fully, any other weights file initialises the weights only."""
-    ckpt = torch_load_weights(path)
+    """Load --pre_model (`ckpt`, read from `path`): our checkpoint resumes fully, any other weights file
+    initialises the weights only."""
     if not is_training_checkpoint(ckpt):
         load_weights(model, extract_state_dict(ckpt, path), str(path))
         log.info("--pre_model %s: weights only (no training state of this trainer); the run starts at epoch 1", path)

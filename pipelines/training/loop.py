@@ -27,19 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lib import FSANet, load_pretrained_encoders
 from lib.fast import to_channels_last
-from pipelines.training.batches import Batch, LoaderBatch, optimiser_groups, trainable_part
+from pipelines.training.batches import Batch, LoaderBatch, optimiser_groups, resize_pair, trainable_part
 from pipelines.training.checkpointing import (
     RunState,
     check_free_space,
     checkpoint_bytes,
+    is_training_checkpoint,
     link_checkpoint,
+    read_pre_model,
     resume,
     save_checkpoint,
     training_checkpoint,
@@ -87,14 +88,6 @@ log = logging.getLogger(__name__)
 LOSS_NAMES = ("loss", "P1", "P2", "P3", "P4")
 
 
-def resize_pair(images: torch.Tensor, gts: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear (align_corners=True) resize of images and masks to size x size, as the release."""
-    if images.shape[-2:] == (size, size):
-        return images, gts
-    resize = dict(size=(size, size), mode="bilinear", align_corners=True)
-    return F.interpolate(images, **resize), F.interpolate(gts, **resize)
-
-
 class Trainer:
     """Owns one training run; `Trainer(cfg).fit()` is all train.py does."""
 
@@ -127,13 +120,15 @@ class Trainer:
                                 "per process (BatchNorm needs 2); add images or use fewer processes")
         self.val_set = self._build_val_set()
         seed_everything(cfg.seed)  # the same initial weights on every rank and in every rerun
-        self.model = self._build_model(pretrained)
+        pre_model = read_pre_model(Path(cfg.pre_model)) if cfg.pre_model else None
+        # Resuming replaces every weight and the RNG state: the random initial weights are not drawn.
+        self.model = self._build_model(pretrained, initialise=not is_training_checkpoint(pre_model))
         self.optimizer = AdaXW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         resumed_rng = None
         if cfg.pre_model:
-            resumed = resume(Path(cfg.pre_model), self.model, self.optimizer, self.scaler, cfg.to_dict(),
-                             self.ctx.rank, self.ctx.world_size)
+            resumed = resume(pre_model, Path(cfg.pre_model), self.model, self.optimizer, self.scaler,
+                             cfg.to_dict(), self.ctx.rank, self.ctx.world_size)
             self.state, resumed_rng = resumed.state, resumed.rng
         self._warn_frequency_band()
         if self.ctx.is_main:  # before the first epoch, not at its end
@@ -159,15 +154,17 @@ class Trainer:
         return EvalDataset(self.cfg.val_path, self.cfg.val_size, fast_decode=self.cfg.fast_decode,
                            on_bad=self.cfg.on_bad)
 
-    def _build_model(self, pretrained: dict[str, str]) -> nn.Module:
-        """FSANet with the release's drop path, ImageNet encoders loaded, on the device."""
-        model = FSANet(freq_encoder=self.cfg.freq_encoder, drop_path_rate=self.cfg.drop_path_rate,
-                       radius=self.cfg.radius)
+    def _build_model(self, pretrained: dict[str, str], initialise: bool = True) -> nn.Module:
+        """FSANet with the release's drop path, ImageNet encoders loaded, on the device; without `initialise`
+        its weights are left unset, for a checkpoint that sets them all (loading is strict)."""
+        with contextlib.nullcontext() if initialise else torch.device("meta"):
+            model = FSANet(freq_encoder=self.cfg.freq_encoder, drop_path_rate=self.cfg.drop_path_rate,
+                           radius=self.cfg.radius)
         if pretrained:
             load_pretrained_encoders(model, **pretrained)
         elif self.cfg.no_pretrained and not self.cfg.pre_model:
             log.warning("--no_pretrained: training from random weights (the release starts from ImageNet)")
-        model.to(self.device)
+        model.to(self.device) if initialise else model.to_empty(device=self.device)
         if self.cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         if self.cfg.channels_last:

@@ -130,6 +130,65 @@ def test_unusable_options_stop_with_one_clear_line(tiny_data, tmp_path, capsys, 
     assert not (tmp_path / "opts").exists()
 
 
+# Before the runs below: they keep two 1.3 GB checkpoints until the module ends, and on a machine short of memory
+# every process runs slower while they are held.
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_identical_replicas(tiny_data, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(ROOT / "train.py"),
+           *cli_args(tiny_data / "DIS-TR", tmp_path, "ddp", "--epoch", "2", "--stop_after_epoch", "1", "--rates", "1")]
+    env = child_env(OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks on this machine; no hostname lookup needed
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    line = next(text for text in log.splitlines() if "parameter sha256 per rank:" in text)
+    digests = line.split("per rank:")[1].split(";")[0].split()
+    assert len(digests) == 2 and digests[0] == digests[1]
+
+    ckpt = load(tmp_path / "ddp" / "last.pth")
+    names = set(parameter_names())
+    assert tensors_digest((k, v) for k, v in ckpt["model"].items() if k in names) == digests[0]
+    # 4 images, 2 per process per batch: each rank took one batch, one optimiser step (one rate: the replicas'
+    # agreement, not the multi-scale recipe, is the subject here).
+    assert (ckpt["epoch"], ckpt["step"], ckpt["world_size"]) == (1, 1, 2)
+    assert len(ckpt["rng_ranks"]) == 2 and not torch.equal(ckpt["rng_ranks"][0]["torch"], ckpt["rng_ranks"][1]["torch"])
+    assert_never_used_untouched(ckpt)  # and DDP trained without find_unused_parameters
+    assert len(list((tmp_path / "ddp" / "tb").iterdir())) == 1  # rank 0 alone logs
+
+
+@pytest.mark.slow
+def test_fp16_run_keeps_its_grad_scaler_and_validates(tiny_data, tmp_path):
+    two_images = tiny_data / "DIS-VD"
+    # One rate, one optimiser step: CPU fp16 kernels are slow, and one step moves the GradScaler's state.
+    rc = train.main(cli_args(two_images, tmp_path, "amp", "--epoch", "2", "--stop_after_epoch", "1", "--rates", "1",
+                             "--amp", "fp16", "--channels_last", "--val_path", str(two_images), "--val_size", "64"))
+    assert rc == 0
+    run = tmp_path / "amp"
+    assert sorted(p.name for p in run.glob("*.pth")) == ["best.pth", "last.pth"]
+    ckpt = load(run / "last.pth")
+    # The GradScaler ran: its state moved from the initial one (a step counted, or the scale halved on an
+    # overflow, which CPU fp16 kernels of some torch versions hit).
+    scaler = ckpt["scaler"]
+    assert scaler["scale"] > 0 and (scaler["_growth_tracker"] > 0 or scaler["scale"] < 2.0**16)
+    scalars = tensorboard_scalars(run)
+    assert scalars["val/maxF"] == [pytest.approx(ckpt["best_maxf"])] and 0 < ckpt["best_maxf"] <= 1
+    assert len(scalars["val/MAE"]) == 1 and 0 <= scalars["val/MAE"][0] <= 1
+    cfg = TrainConfig(train_path=str(two_images), trainsize=64, batchsize=2, num_workers=0, device="cpu",
+                      save_root=str(tmp_path), train_save="amp", epoch=2, amp="fp16", pre_model=str(run / "last.pth"))
+    trainer = Trainer(cfg)
+    assert trainer.scaler.state_dict() == ckpt["scaler"]  # resuming restores the GradScaler
+    trainer.writer.close()
+
+
 @pytest.fixture(scope="module")
 def train_split(tiny_data, tmp_path_factory) -> Path:
     """The 4 training pairs plus an image whose mask is missing (skipped by name)."""
@@ -266,30 +325,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(train_split, k
     assert sorted(p.name for p in run.glob("*.pth")) == ["last.pth"]
 
 
-@pytest.mark.slow
-def test_fp16_run_keeps_its_grad_scaler_and_validates(tiny_data, tmp_path):
-    two_images = tiny_data / "DIS-VD"
-    # One rate, one optimiser step: CPU fp16 kernels are slow, and one step moves the GradScaler's state.
-    rc = train.main(cli_args(two_images, tmp_path, "amp", "--epoch", "2", "--stop_after_epoch", "1", "--rates", "1",
-                             "--amp", "fp16", "--channels_last", "--val_path", str(two_images), "--val_size", "64"))
-    assert rc == 0
-    run = tmp_path / "amp"
-    assert sorted(p.name for p in run.glob("*.pth")) == ["best.pth", "last.pth"]
-    ckpt = load(run / "last.pth")
-    # The GradScaler ran: its state moved from the initial one (a step counted, or the scale halved on an
-    # overflow, which CPU fp16 kernels of some torch versions hit).
-    scaler = ckpt["scaler"]
-    assert scaler["scale"] > 0 and (scaler["_growth_tracker"] > 0 or scaler["scale"] < 2.0**16)
-    scalars = tensorboard_scalars(run)
-    assert scalars["val/maxF"] == [pytest.approx(ckpt["best_maxf"])] and 0 < ckpt["best_maxf"] <= 1
-    assert len(scalars["val/MAE"]) == 1 and 0 <= scalars["val/MAE"][0] <= 1
-    cfg = TrainConfig(train_path=str(two_images), trainsize=64, batchsize=2, num_workers=0, device="cpu",
-                      save_root=str(tmp_path), train_save="amp", epoch=2, amp="fp16", pre_model=str(run / "last.pth"))
-    trainer = Trainer(cfg)
-    assert trainer.scaler.state_dict() == ckpt["scaler"]  # resuming restores the GradScaler
-    trainer.writer.close()
-
-
 def test_release_checkpoint_initialises_weights_only(official_weights, release_checkpoint, tiny_data, tmp_path):
     # release_checkpoint: the release's layout, with optimizer
     cfg = TrainConfig(train_path=str(tiny_data / "DIS-TR"), trainsize=64, batchsize=2, num_workers=0, device="cpu",
@@ -301,36 +336,3 @@ def test_release_checkpoint_initialises_weights_only(official_weights, release_c
     assert trainer.model.frequency.radius.item() == 60.0
     assert torch.equal(trainer.model.head.conv2_1.weight.detach(), expected["conv2_1.weight"])
     trainer.writer.close()
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_process_ddp_trains_identical_replicas(tiny_data, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(ROOT / "train.py"),
-           *cli_args(tiny_data / "DIS-TR", tmp_path, "ddp", "--epoch", "2", "--stop_after_epoch", "1", "--rates", "1")]
-    env = child_env(OMP_NUM_THREADS="1")
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks on this machine; no hostname lookup needed
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    line = next(text for text in log.splitlines() if "parameter sha256 per rank:" in text)
-    digests = line.split("per rank:")[1].split(";")[0].split()
-    assert len(digests) == 2 and digests[0] == digests[1]
-
-    ckpt = load(tmp_path / "ddp" / "last.pth")
-    names = set(parameter_names())
-    assert tensors_digest((k, v) for k, v in ckpt["model"].items() if k in names) == digests[0]
-    # 4 images, 2 per process per batch: each rank took one batch, one optimiser step (one rate: the replicas'
-    # agreement, not the multi-scale recipe, is the subject here).
-    assert (ckpt["epoch"], ckpt["step"], ckpt["world_size"]) == (1, 1, 2)
-    assert len(ckpt["rng_ranks"]) == 2 and not torch.equal(ckpt["rng_ranks"][0]["torch"], ckpt["rng_ranks"][1]["torch"])
-    assert_never_used_untouched(ckpt)  # and DDP trained without find_unused_parameters
-    assert len(list((tmp_path / "ddp" / "tb").iterdir())) == 1  # rank 0 alone logs

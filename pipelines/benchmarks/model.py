@@ -36,8 +36,9 @@ def _maps(p1: torch.Tensor) -> np.ndarray:
 
 def _prepared(state: dict, device: torch.device, autocast_dtype: torch.dtype | None = None) -> FSANet:
     """The fast model with `state` loaded, prepared as test.py runs it (weights cast once under --amp)."""
-    model = FSANet().to(device)
-    model.load_state_dict(state)
+    with torch.device("meta"):  # every weight comes from `state` (strict load): no random draw first
+        model = FSANet()
+    model.to_empty(device=device).load_state_dict(state)
     return optimize_for_inference(model, autocast_dtype=autocast_dtype)
 
 

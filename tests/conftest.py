@@ -5,7 +5,7 @@ Expensive set-up is made once per session and shared, never repeated per module:
   FSANet weights on disk and only reads them; `release_model`: it loaded as test.py loads it, to predict with;
   `release_weights_model()`: a fresh, changeable FSANet with those weights (a copy, not a rebuild);
 - `onnx_cache` and `release_export(size)`: test.py's default export cache and the release checkpoint's ONNX
-  export at a size, made at most once per size (about 45 s each) by export.py's own run (`export_script_run`,
+  export at a size, made at most once per size (about 15 s each) by export.py's own run (`export_script_run`,
   which export.py's tests read), reused by test.py subprocesses;
 - `session_dir`: the one folder those live in; it is removed when the session ends.
 Tests that are not about the runtimes run test.py with `--runtime torch` (no export).
@@ -208,7 +208,7 @@ class ExportRun:
 @pytest.fixture(scope="session")
 def export_script_run(release_checkpoint: Path, session_dir: Path) -> Callable[[int], ExportRun]:
     """`export_script_run(size)`: export.py (its main, in this process) on `release_checkpoint` at `size` with
-    the default flags, run once per size (about half a minute: the trace and the onnxruntime check).
+    the default flags, run once per size (about 15 s: the trace, the translation and the onnxruntime check).
 
     Skips the test where this torch cannot export. Mark tests that use it `slow`.
     """

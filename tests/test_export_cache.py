@@ -1,6 +1,6 @@
 """The ONNX export cache and OpenVINO's compile cache: keys that cannot go stale, and cache faults that cost no run.
 
-Most tests stand in for the 45 s export with an exporter that writes a small valid ONNX graph with
+Most tests stand in for the full export (about 15 s) with an exporter that writes a small valid ONNX graph with
 FSANet's interface (B x 3 x S x S in, B x 1 x S x S out), so OpenVINO and onnxruntime really load
 and run what the cache hands them; the swapped-checkpoint test builds the real model from the bytes.
 """

@@ -144,7 +144,8 @@ def test_two_process_ddp_trains_identical_replicas(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(ROOT / "train.py"),
            *cli_args(tiny_data / "DIS-TR", tmp_path, "ddp", "--epoch", "2", "--stop_after_epoch", "1", "--rates", "1")]
-    env = child_env(OMP_NUM_THREADS="1")
+    # TMPDIR: torchrun's log folder (torchelastic_*) goes to tmp_path, removed with it.
+    env = child_env(OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # both ranks on this machine; no hostname lookup needed
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)

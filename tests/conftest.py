@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import gc
 import importlib.util
 import io
@@ -23,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,3 +296,21 @@ def reuse_release_model(monkeypatch: pytest.MonkeyPatch, release_checkpoint: Pat
 
     monkeypatch.setattr(inference, "load_model", load_model)
     return release_model
+
+
+def read_only(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Make new files and folders under `root` fail as on a read-only mount (EROFS); reads still work.
+
+    Simulated: the tests run as root, which ignores permission bits.
+    """
+    root = root.resolve()
+
+    def guard(where: str | os.PathLike | None) -> None:
+        if where is not None and Path(where).resolve().is_relative_to(root):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(where))
+
+    real_mkstemp, real_temporary, real_mkdir = tempfile.mkstemp, tempfile.TemporaryFile, os.mkdir
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, dir=None, **k: guard(dir) or real_mkstemp(*a, dir=dir, **k))
+    monkeypatch.setattr(tempfile, "TemporaryFile",
+                        lambda *a, dir=None, **k: guard(dir) or real_temporary(*a, dir=dir, **k))
+    monkeypatch.setattr(os, "mkdir", lambda path, *a, **k: guard(path) or real_mkdir(path, *a, **k))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, read_only
 
 from pipelines.cli import load_script
 from utils import cache_keys, export_cache, onnx_export, runtimes
@@ -96,24 +96,6 @@ def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
     return folder
-
-
-def read_only(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
-    """Make new files and folders under `root` fail as on a read-only mount (EROFS); reads still work.
-
-    Simulated: the tests run as root, which ignores permission bits.
-    """
-    root = root.resolve()
-
-    def guard(where: str | os.PathLike | None) -> None:
-        if where is not None and Path(where).resolve().is_relative_to(root):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(where))
-
-    real_mkstemp, real_temporary, real_mkdir = tempfile.mkstemp, tempfile.TemporaryFile, os.mkdir
-    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, dir=None, **k: guard(dir) or real_mkstemp(*a, dir=dir, **k))
-    monkeypatch.setattr(tempfile, "TemporaryFile",
-                        lambda *a, dir=None, **k: guard(dir) or real_temporary(*a, dir=dir, **k))
-    monkeypatch.setattr(os, "mkdir", lambda path, *a, **k: guard(path) or real_mkdir(path, *a, **k))
 
 
 # ---- bookkeeping: entries verified, rebuilt, keyed by everything that computes them ----

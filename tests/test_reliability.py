@@ -380,6 +380,53 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: 
     assert torch.load(path, weights_only=True)["epoch"] == 1 and not temp_files(tmp_path)
 
 
+def test_train_cache_dir_behind_a_file_is_refused_before_training(tiny_split: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert train.main(train_args(tiny_split, tmp_path, "--cache_dir", str(blocker / "cache"))) == 2
+    one_error_line(capsys.readouterr().err, "--cache_dir", str(blocker / "cache"), "not a directory")
+    assert not (tmp_path / "run").exists()
+
+
+def test_read_only_train_cache_is_read_and_the_rest_decoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    from conftest import read_only
+
+    split, cache = tmp_path / "DIS-TR", tmp_path / "cache"
+    generate_split(tmp_path, "DIS-TR", 2, seed=0, size=(96, 80))
+    expected = [TrainDataset(split, 32)[i] for i in range(2)]
+    TrainDataset(split, 32, cache_dir=cache)[0]  # one pair cached
+    cached = sorted(cache.iterdir())
+    read_only(monkeypatch, cache)
+    with caplog.at_level(logging.WARNING):
+        dataset = TrainDataset(split, 32, cache_dir=cache)
+        got = [dataset[i] for i in range(2)]
+    assert all(torch.equal(a, b) for pair, want in zip(got, expected) for a, b in zip(pair, want))
+    assert sorted(cache.iterdir()) == cached
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and f"--cache_dir {cache}" in warnings[0] and "read" in warnings[0]
+
+
+def test_train_cache_on_a_full_disk_warns_once_and_serves_the_pairs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from utils import data
+
+    split = tmp_path / "DIS-TR"
+    generate_split(tmp_path, "DIS-TR", 3, seed=0, size=(96, 80))
+    expected = [TrainDataset(split, 32)[i] for i in range(3)]
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        return builtins.open("/dev/full" if "w" in mode else path, mode, *args, **kwargs)
+    monkeypatch.setattr(data, "open", full_disk, raising=False)
+    dataset = TrainDataset(split, 32, cache_dir=tmp_path / "cache")
+    with caplog.at_level(logging.WARNING):
+        got = [dataset[i] for i in range(3)]
+    assert all(torch.equal(a, b) for pair, want in zip(got, expected) for a, b in zip(pair, want))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "no space left on device" in warnings[0], warnings
+    assert not list((tmp_path / "cache").glob("*.tmp")) and not list((tmp_path / "cache").glob(".*"))
+
+
 def test_checkpoints_skip_the_zip_crc32_and_still_load(tmp_path: Path) -> None:
     import zipfile
 

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from tqdm import tqdm
 
-from utils.atomic import atomic_path
+from utils.atomic import UnwritableFolderError, atomic_path, check_writable_dir, os_reason
 from utils.cache_keys import computation_fields, fields_digest, read_hashed, remove_orphaned_temps
 from utils.dis5k import expected_folders, split_folders
 from utils.errors import EXIT_FAILED, FSANetError, listing
@@ -211,6 +211,19 @@ def _read_source(path: Path) -> tuple[bytes, str]:
         raise ImageReadError(f"{path}: cannot read the file ({e.strerror or e})") from None
 
 
+def _cache_writable(folder: Path) -> bool:
+    """Whether pairs can be cached in `folder`. A folder that cannot be written is only read (one warning); a
+    path that cannot become a folder (a file in the way) is refused before any work (UnwritableFolderError)."""
+    try:
+        check_writable_dir(folder, "--cache_dir")
+    except UnwritableFolderError as e:
+        if not folder.is_dir():
+            raise
+        logger.warning("%s. Going on: the pairs it holds are read, the others decoded every epoch", e)
+        return False
+    return True
+
+
 class TrainDataset(Dataset):
     """The release's training samples: (image 3xSxS normalised, mask 1xSxS in [0, 1]), both float32.
 
@@ -240,10 +253,12 @@ class TrainDataset(Dataset):
         self.fast_decode = fast_decode
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.cache_fields: dict[str, object] = {}
+        self.cache_writable = False
         if self.cache_dir is not None:
             # Once per dataset (DataLoader workers inherit it): the per-sample part is the sources' digests.
             self.cache_fields = computation_fields(CACHE_CODE, CACHE_LIBRARIES, trainsize=self.trainsize,
                                                    fast_decode=self.fast_decode)
+            self.cache_writable = _cache_writable(self.cache_dir)
             remove_orphaned_temps(self.cache_dir, (".npy",))
 
     def __len__(self) -> int:
@@ -283,8 +298,14 @@ class TrainDataset(Dataset):
             except (OSError, ValueError) as e:
                 logger.warning("%s: unreadable cache entry, rebuilding it (%s)", path, e)
         pair = self._decode_resized(sample, image_bytes, gt_bytes)  # the bytes the key names
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, pair.contiguous().numpy(), allow_pickle=False)
+        if self.cache_writable:
+            try:
+                with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                    np.save(f, pair.contiguous().numpy(), allow_pickle=False)
+            except OSError as e:  # a full disk mid-run: the pair is here, training goes on
+                self.cache_writable = False  # in this process (each DataLoader worker says it once)
+                logger.warning("--cache_dir %s: could not write %s (%s); training goes on without caching "
+                               "new pairs", self.cache_dir, path.name, os_reason(e))
         return pair
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | BadSample:

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,39 @@ def test_cache_rebuilds_missing_corrupt_and_foreign_entries(small_ckpt: Path, tm
     cache.get(spec)
     assert len(calls) == 6 and path.read_bytes().startswith(b"64 resnet50")
     assert not temp_files(path.parent)
+
+
+def test_exports_another_version_made_and_nobody_used_for_30_days_are_removed(
+        small_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    cache = export_cache.ExportCache(tmp_path / "cache", exporter=fake_exporter(calls))
+    spec = export_cache.ExportSpec(small_ckpt, 64)
+    day = 86400
+    with monkeypatch.context() as m:  # entries of other code versions (the format is one of the key's fields)
+        m.setattr(export_cache, "CACHE_FORMAT", 98)
+        old_unused = cache.get(spec)
+        other_size = cache.get(export_cache.ExportSpec(small_ckpt, 128))
+        m.setattr(export_cache, "CACHE_FORMAT", 99)
+        old_recent = cache.get(spec)
+    for path, age in ((old_unused, 31), (other_size, 31), (old_recent, 29)):
+        os.utime(path.with_suffix(".json"), (time.time() - age * day,) * 2)
+    new = cache.get(spec)
+    assert len(calls) == 4 and new not in (old_unused, old_recent)
+    assert not old_unused.exists() and not old_unused.with_suffix(".json").exists()
+    assert other_size.exists() and old_recent.exists() and new.exists()  # another size; used 29 days ago
+
+
+def test_a_cache_hit_stamps_the_record_not_the_model(small_ckpt: Path, tmp_path: Path) -> None:
+    cache = export_cache.ExportCache(tmp_path / "cache", exporter=fake_exporter([]))
+    spec = export_cache.ExportSpec(small_ckpt, 64)
+    path = cache.get(spec)
+    long_ago = time.time() - 40 * 86400
+    for file in (path, path.with_suffix(".json")):
+        os.utime(file, (long_ago, long_ago))
+    cache.exporter = must_not_export
+    assert cache.get(spec) == path
+    assert path.with_suffix(".json").stat().st_mtime > long_ago + 39 * 86400
+    assert path.stat().st_mtime == pytest.approx(long_ago)  # OpenVINO keys its blobs by the model's time
 
 
 def test_cache_key_separates_size_architecture_and_weights(small_ckpt: Path, tmp_path: Path) -> None:

@@ -13,10 +13,12 @@ an export it cannot hold goes to a temporary folder removed when the runtime has
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +48,12 @@ EXPORT_MODULES = ("lib", "lib.fsanet", "lib.checkpoint", "lib.fast", "utils.onnx
 # Every library whose code reaches the graph: the model's blocks (timm's PVT-v2 and its checkpoint filter,
 # torchvision's ResNet), the exporter and its graph passes (onnxscript, onnx-ir), the file format.
 EXPORT_LIBRARIES = ("torch", "torchvision", "timm", "onnx", "onnxscript", "onnx-ir", "numpy")
+# An entry of a checkpoint, size and encoder that another code or library version exported, unused this long, is
+# removed when this version exports them: it is never read here, and a second install sharing the cache keeps
+# its own entry as long as it runs at least once in this many days.
+SUPERSEDED_UNUSED_DAYS = 30
+# The fields that name what was exported; the others (code digests, library versions) name who exported it.
+EXPORTED = ("checkpoint_sha256", "testsize", "freq_encoder")
 SCRATCH_PREFIX = "fsanet-cache-"
 MEMO_NAME = "checkpoint_digests.json"
 
@@ -119,6 +127,13 @@ class DigestMemo:
         data, digest, stamp = read_hashed_stamped(path)
         self.remember(path, digest, stamp)
         return data, digest
+
+
+def _mark_used(record_path: Path) -> None:
+    """Stamp an entry's record (not its model: OpenVINO's blobs are keyed by the model file's time) with the time
+    of this use; remove_superseded spares entries used recently. A read-only cache is left as it is."""
+    with contextlib.suppress(OSError):
+        os.utime(record_path)
 
 
 def _checkpoint_error(spec: ExportSpec, error: OSError | None = None) -> FSANetError:
@@ -204,6 +219,7 @@ class ExportCache:
         if problem is not None:
             return self.rebuild(spec, problem), None
         log.debug("ONNX cache hit: %s", model_path)
+        _mark_used(record_path)
         # hashlib and file reads release the GIL: the check runs beside the caller's compile.
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-checksum")
         future = pool.submit(self.check, fields, model_path, record_path)
@@ -222,12 +238,15 @@ class ExportCache:
         except OSError as e:
             raise _checkpoint_error(spec, e) from None
         fields = cache_fields(spec, digest)
-        log.info("exporting %s to ONNX at %d x %d (%s; once per checkpoint and size, about half a minute)",
+        log.info("exporting %s to ONNX at %d x %d (%s; once per checkpoint and size, about 15 s on 2 cores)",
                  spec.checkpoint, spec.testsize, spec.testsize, problem)
         try:
-            return self._export_into(self.folder, spec, weights, fields)
+            path = self._export_into(self.folder, spec, weights, fields)
         except OSError as e:
             cache_error = e
+        else:
+            self.remove_superseded(fields, path)
+            return path
         try:
             path = self._export_into(self.scratch_folder(), spec, weights, fields)
         except OSError as e:
@@ -251,6 +270,25 @@ class ExportCache:
             tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
         self.last_export_seconds = seconds
         return model_path
+
+    def remove_superseded(self, fields: dict[str, object], keep: Path) -> None:
+        """Delete the entries of the export `fields` names (checkpoint, size, encoder) that other code or library
+        versions made and nobody used for SUPERSEDED_UNUSED_DAYS; `keep` is the entry just written."""
+        cutoff = time.time() - SUPERSEDED_UNUSED_DAYS * 86400
+        for record_path in self.folder.glob("fsanet-*.json"):
+            model_path = record_path.with_suffix(".onnx")
+            try:
+                record = json.loads(record_path.read_text())
+                if (model_path == keep or not isinstance(record, dict)
+                        or any(record.get(k) != fields[k] for k in EXPORTED) or record_path.stat().st_mtime > cutoff):
+                    continue
+                model_path.unlink(missing_ok=True)  # the model first: a record alone is a miss, never a use
+                record_path.unlink()
+            except (OSError, ValueError) as e:
+                log.debug("left %s in the cache: %s", record_path.name, e)
+                continue
+            log.info("removed %s from the ONNX cache: the same checkpoint and size exported by other code or library "
+                     "versions, unused for %d days", model_path.name, SUPERSEDED_UNUSED_DAYS)
 
     def scratch_folder(self) -> Path:
         """This run's temporary folder for an export the cache cannot hold (made on first use)."""

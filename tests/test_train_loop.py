@@ -67,6 +67,19 @@ def test_resume_warns_for_each_changed_decode_model_and_data_flag(caplog):
         assert f"--{flag} {new} (the checkpoint was trained with {old})" in line
 
 
+def test_resume_compares_the_training_folder_by_where_it_leads(tmp_path, monkeypatch, caplog):
+    (tmp_path / "data" / "DIS-TR").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    saved = TrainConfig(train_path="data/DIS-TR").to_dict()
+    with caplog.at_level(logging.WARNING):
+        for same in (str(tmp_path / "data" / "DIS-TR"), "./data/DIS-TR/", "link/DIS-TR"):
+            warn_changed_settings({"args": saved, "world_size": 1}, TrainConfig(train_path=same).to_dict(), 1)
+        assert not caplog.text
+        warn_changed_settings({"args": saved, "world_size": 1}, TrainConfig(train_path="data/DIS-VD").to_dict(), 1)
+    assert "--train_path data/DIS-VD (the checkpoint was trained with data/DIS-TR)" in caplog.text
+
+
 def failing_writer(error: Exception):
     """A stand-in for the checkpoint writer that fails as a full disk makes it fail."""
     def write(obj: object, path: Path) -> None:

@@ -182,12 +182,20 @@ def warn_changed_settings(ckpt: dict[str, Any], args: dict[str, Any], world_size
     """Warn when the resumed run's recipe differs from the one it was saved with."""
     saved = ckpt.get("args", {})
     for key in RESUME_SENSITIVE:
-        if key in saved and saved[key] != args[key]:
+        if key in saved and _differs(key, saved[key], args[key]):
             log.warning("resuming with --%s %s (the checkpoint was trained with %s): the run will not "
                         "match an uninterrupted one", key, args[key], saved[key])
     if ckpt.get("world_size", 1) != world_size:
         log.warning("resuming with %d process(es), saved with %d: the data order changes",
                     world_size, ckpt.get("world_size", 1))
+
+
+def _differs(key: str, saved: Any, now: Any) -> bool:
+    """Whether a saved recipe value differs from this run's; the training folder by where it leads, not by how it
+    was typed (relative or absolute, through a symbolic link; a saved relative path is read from here)."""
+    if key == "train_path" and isinstance(saved, str) and isinstance(now, str):
+        return os.path.realpath(saved) != os.path.realpath(now)
+    return saved != now
 
 
 def rank_rng(ckpt: dict[str, Any], rank: int) -> dict[str, Any] | None:

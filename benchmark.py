@@ -9,6 +9,10 @@ Speed-ups are ratios to the release's way of computing, timed in the same run.
 """
 from __future__ import annotations
 
+from pipelines.cli import quiet_interrupts_while_starting
+
+quiet_interrupts_while_starting(__name__)  # before the imports below: they take seconds to load
+
 import argparse
 import json
 import logging

@@ -1,6 +1,10 @@
 """`make demo`: FSANet end to end on a built-in synthetic DIS-like dataset (see pipelines/demo.py)."""
 from __future__ import annotations
 
+from pipelines.cli import quiet_interrupts_while_starting
+
+quiet_interrupts_while_starting(__name__)  # before the imports below: they take seconds to load
+
 import argparse
 import logging
 

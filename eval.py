@@ -5,6 +5,10 @@ Comparison: python eval.py --pred_root results/FSANet results/IS-Net Ours=result
 """
 from __future__ import annotations
 
+from pipelines.cli import quiet_interrupts_while_starting
+
+quiet_interrupts_while_starting(__name__)  # before the imports below: they take seconds to load
+
 import argparse
 import logging
 import sys

@@ -9,6 +9,10 @@ PyTorch by more than --tolerance; 2 on a setup problem.
 """
 from __future__ import annotations
 
+from pipelines.cli import quiet_interrupts_while_starting
+
+quiet_interrupts_while_starting(__name__)  # before the imports below: they take seconds to load
+
 import argparse
 import logging
 import sys

@@ -8,6 +8,10 @@ Exit status 0 when every check passed (or no GPU was found), 1 when one failed o
 """
 from __future__ import annotations
 
+from pipelines.cli import quiet_interrupts_while_starting
+
+quiet_interrupts_while_starting(__name__)  # before the imports below: they take seconds to load
+
 import argparse
 import logging
 from pathlib import Path

@@ -8,6 +8,10 @@ Without torchrun it trains on every visible GPU through DataParallel (as the rel
 """
 from __future__ import annotations
 
+from pipelines.cli import quiet_interrupts_while_starting
+
+quiet_interrupts_while_starting(__name__)  # before the imports below: they take seconds to load
+
 import argparse
 from pathlib import Path
 

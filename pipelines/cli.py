@@ -157,9 +157,28 @@ def interrupt_for(code: int) -> KeyboardInterrupt | None:
     return None
 
 
+def _interrupted_while_starting(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """sys.excepthook until run_cli answers signals: a Ctrl-C while a script's libraries load is one line."""
+    if issubclass(kind, KeyboardInterrupt):
+        with contextlib.suppress(OSError):
+            print("interrupted (Ctrl-C) while starting: nothing was done", file=sys.stderr, flush=True)
+        return  # Python still ends the process by SIGINT: exit status 130
+    sys.__excepthook__(kind, value, tb)
+
+
+def quiet_interrupts_while_starting(module_name: str) -> None:
+    """Called by a script (`__name__`) before its imports, which take seconds (torch alone): a Ctrl-C meanwhile
+    ends in one line and exit status 130 instead of a traceback through the importers. SIGTERM and SIGHUP
+    already end it silently (143, 129). Only a script run as a program is changed, not one loaded by a test."""
+    if module_name == "__main__":
+        sys.excepthook = _interrupted_while_starting
+
+
 def run_cli(body: Callable[[], int], interrupted: Callable[[], str] | None = None) -> int:
     """Run a script's body: FSANetError -> `error: <message>` and its exit code; Ctrl-C, SIGTERM, SIGHUP -> one
     line (`interrupted` says what was done) and 130, 143, 129."""
+    if sys.excepthook is _interrupted_while_starting:  # from here on, interrupts are answered below
+        sys.excepthook = sys.__excepthook__
     try:
         with stop_signals_interrupt():
             return body()

@@ -239,6 +239,4 @@ def fsanet_from_checkpoint(source: CheckpointSource, freq_encoder: str = "resnet
     """
     from lib.fsanet import FSANet  # here: lib.checkpoint alone does not import timm
 
-    with torch.device("meta"):
-        model = FSANet(freq_encoder=freq_encoder)
-    return load_checkpoint(model.to_empty(device="cpu"), source, name)
+    return load_checkpoint(FSANet.empty(freq_encoder=freq_encoder), source, name)

@@ -36,9 +36,8 @@ def _maps(p1: torch.Tensor) -> np.ndarray:
 
 def _prepared(state: dict, device: torch.device, autocast_dtype: torch.dtype | None = None) -> FSANet:
     """The fast model with `state` loaded, prepared as test.py runs it (weights cast once under --amp)."""
-    with torch.device("meta"):  # every weight comes from `state` (strict load): no random draw first
-        model = FSANet()
-    model.to_empty(device=device).load_state_dict(state)
+    model = FSANet.empty(device)
+    model.load_state_dict(state)  # strict: every tensor comes from `state`
     return optimize_for_inference(model, autocast_dtype=autocast_dtype)
 
 

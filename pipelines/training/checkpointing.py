@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lib.checkpoint import extract_state_dict, load_weights, strip_wrapper_prefixes, torch_load_weights
+from lib.checkpoint import extract_state_dict, load_weights, strip_wrapper_prefixes
 from utils.atomic import atomic_path, atomic_torch_save, os_reason
 from utils.errors import FSANetError, RunError
 
@@ -148,11 +148,6 @@ def check_free_space(folder: Path, needed: int) -> None:
 def is_training_checkpoint(ckpt: Any) -> bool:
     """True for our own full-state checkpoints (resumable), False for weights-only files."""
     return isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT and "optimizer" in ckpt
-
-
-def read_pre_model(path: Path) -> Any:
-    """--pre_model's contents (weights only: nothing else is unpickled); errors name the file."""
-    return torch_load_weights(path)
 
 
 def resume(ckpt: Any, path: Path, model: nn.Module, optimizer: Optimizer, scaler: torch.amp.GradScaler,

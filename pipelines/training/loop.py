@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lib import FSANet, load_pretrained_encoders
+from lib.checkpoint import torch_load_weights
 from lib.fast import to_channels_last
 from pipelines.training.batches import Batch, LoaderBatch, optimiser_groups, resize_pair, trainable_part
 from pipelines.training.checkpointing import (
@@ -40,7 +41,6 @@ from pipelines.training.checkpointing import (
     checkpoint_bytes,
     is_training_checkpoint,
     link_checkpoint,
-    read_pre_model,
     resume,
     save_checkpoint,
     training_checkpoint,
@@ -120,7 +120,7 @@ class Trainer:
                                 "per process (BatchNorm needs 2); add images or use fewer processes")
         self.val_set = self._build_val_set()
         seed_everything(cfg.seed)  # the same initial weights on every rank and in every rerun
-        pre_model = read_pre_model(Path(cfg.pre_model)) if cfg.pre_model else None
+        pre_model = torch_load_weights(Path(cfg.pre_model)) if cfg.pre_model else None
         # Resuming replaces every weight and the RNG state: the random initial weights are not drawn.
         self.model = self._build_model(pretrained, initialise=not is_training_checkpoint(pre_model))
         self.optimizer = AdaXW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -157,14 +157,14 @@ class Trainer:
     def _build_model(self, pretrained: dict[str, str], initialise: bool = True) -> nn.Module:
         """FSANet with the release's drop path, ImageNet encoders loaded, on the device; without `initialise`
         its weights are left unset, for a checkpoint that sets them all (loading is strict)."""
-        with contextlib.nullcontext() if initialise else torch.device("meta"):
-            model = FSANet(freq_encoder=self.cfg.freq_encoder, drop_path_rate=self.cfg.drop_path_rate,
-                           radius=self.cfg.radius)
+        options = dict(freq_encoder=self.cfg.freq_encoder, drop_path_rate=self.cfg.drop_path_rate,
+                       radius=self.cfg.radius)
+        model = FSANet(**options) if initialise else FSANet.empty(self.device, **options)
         if pretrained:
             load_pretrained_encoders(model, **pretrained)
         elif self.cfg.no_pretrained and not self.cfg.pre_model:
             log.warning("--no_pretrained: training from random weights (the release starts from ImageNet)")
-        model.to(self.device) if initialise else model.to_empty(device=self.device)
+        model.to(self.device)
         if self.cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         if self.cfg.channels_last:

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, read_only
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -369,6 +369,11 @@ def test_train_save_root_checked_before_training(tiny_split: Path, tmp_path: Pat
     one_error_line(capsys.readouterr().err, "--save_root", str(blocker))
 
 
+def writes_to_a_full_disk(path, mode="r", *args, **kwargs):
+    """open() as on a full disk: files opened for writing go to /dev/full (ENOSPC), reads are untouched."""
+    return builtins.open("/dev/full" if "w" in mode else path, mode, *args, **kwargs)
+
+
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "last.pth"
     save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
@@ -390,8 +395,6 @@ def test_train_cache_dir_behind_a_file_is_refused_before_training(tiny_split: Pa
 
 def test_read_only_train_cache_is_read_and_the_rest_decoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              caplog: pytest.LogCaptureFixture) -> None:
-    from conftest import read_only
-
     split, cache = tmp_path / "DIS-TR", tmp_path / "cache"
     generate_split(tmp_path, "DIS-TR", 2, seed=0, size=(96, 80))
     expected = [TrainDataset(split, 32)[i] for i in range(2)]
@@ -415,9 +418,7 @@ def test_train_cache_on_a_full_disk_warns_once_and_serves_the_pairs(tmp_path: Pa
     generate_split(tmp_path, "DIS-TR", 3, seed=0, size=(96, 80))
     expected = [TrainDataset(split, 32)[i] for i in range(3)]
 
-    def full_disk(path, mode="r", *args, **kwargs):
-        return builtins.open("/dev/full" if "w" in mode else path, mode, *args, **kwargs)
-    monkeypatch.setattr(data, "open", full_disk, raising=False)
+    monkeypatch.setattr(data, "open", writes_to_a_full_disk, raising=False)
     dataset = TrainDataset(split, 32, cache_dir=tmp_path / "cache")
     with caplog.at_level(logging.WARNING):
         got = [dataset[i] for i in range(3)]
@@ -451,9 +452,7 @@ def test_cut_jpeg_skipped_in_workers_then_full_disk(tiny_split: Path, tmp_path: 
     run.mkdir()
     (run / ".last.pth.abc123xy.tmp").write_bytes(b"left by a killed run")
 
-    def full_disk(path, mode="r", *args, **kwargs):
-        return builtins.open("/dev/full" if "w" in mode else path, mode, *args, **kwargs)
-    monkeypatch.setattr(atomic, "open", full_disk, raising=False)
+    monkeypatch.setattr(atomic, "open", writes_to_a_full_disk, raising=False)
     with caplog.at_level(logging.INFO):
         code = train.main(train_args(tiny_split, tmp_path, "--epoch", "2", "--num_workers", "2"))
     assert code == 1

@@ -273,9 +273,7 @@ def test_ctrl_c_while_a_script_loads_its_libraries_is_one_line(script: str, tmp_
     marker = tmp_path / "importing"
     proc = subprocess.Popen([sys.executable, "-c", STALLED_START, str(marker), script], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: marker.exists() or proc.poll() is not None, timeout=60)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=60)[1]
     assert marker.exists(), err

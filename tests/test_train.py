@@ -130,8 +130,8 @@ def test_unusable_options_stop_with_one_clear_line(tiny_data, tmp_path, capsys, 
     assert not (tmp_path / "opts").exists()
 
 
-# Before the runs below: they keep two 1.3 GB checkpoints until the module ends, and on a machine short of memory
-# every process runs slower while they are held.
+# The DDP and fp16 runs come first: the runs further down keep two 1.3 GB checkpoints until the module ends, and
+# while they are held every process on a machine short of memory runs slower.
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as s:
